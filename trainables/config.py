@@ -1,0 +1,204 @@
+"""The training/evaluation config of one trial: every key, its default and its allowed values.
+
+A trial config is a flat dict of plain values (so it can be hashed, logged as MLflow params and
+stored in Parquet unchanged). This module is the single source of truth for its keys; the study
+specs and the command line validate against it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")
+ARCHS = ("small_cnn", "preact_resnet18", "wrn")
+SSL_TASKS = ("none", "rotation")
+ATTACK_VARIANTS = ("ce", "joint", "ssl")
+NORMS = ("linf", "l2")
+TRAIN_ATTACKS = ("pgd", "fgsm")
+INITS = ("scratch", "ssl_pretrained")
+SCHEDULES = ("cosine", "constant", "piecewise")
+OPTIMIZERS = ("sgd", "adam")
+ROTATIONS = ("all", "one")
+SSL_PERTURBATIONS = ("shared", "independent")
+BN_MODES = ("train", "eval")
+DEVICES = ("auto", "cpu", "cuda")
+CORRUPTIONS = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "gaussian_blur",
+    "contrast",
+    "brightness",
+    "jpeg",
+)
+
+MNIST_FAMILY = ("fashion_mnist", "mnist")
+
+# Default ε_test grids (pixels in [0, 1]).
+DEFAULT_EPS_GRIDS = {
+    "mnist_family": {
+        "linf": [0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3],
+        "l2": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
+    },
+    "cifar": {
+        "linf": [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255],
+        "l2": [0.0, 0.125, 0.25, 0.5, 1.0, 1.5],
+    },
+}
+
+# key -> (default, kind, constraint). kind is used for type checking and for parsing `--set`.
+# constraint: a tuple of allowed values, or "nonneg", "pos", "prob" for numbers.
+SCHEMA: dict[str, tuple[Any, str, Any]] = {
+    # data
+    "dataset": ("fashion_mnist", "str", DATASETS),
+    "train_subset": (None, "int?", "pos"),
+    "test_subset": (1000, "int?", "pos"),
+    # model
+    "arch": ("small_cnn", "str", ARCHS),
+    "depth": (40, "int", "pos"),
+    "width": (2, "int", "pos"),
+    # optimisation
+    "epochs": (2, "int", "pos"),
+    "batch_size": (128, "int", "pos"),
+    "optimizer": ("sgd", "str", OPTIMIZERS),
+    "lr": (0.05, "float", "pos"),
+    "momentum": (0.9, "float", "nonneg"),
+    "nesterov": (True, "bool", None),
+    "weight_decay": (5e-4, "float", "nonneg"),
+    "schedule": ("cosine", "str", SCHEDULES),
+    "augment": (True, "bool", None),
+    # self-supervision
+    "ssl_task": ("rotation", "str", SSL_TASKS),
+    "ssl_weight": (0.5, "float", "nonneg"),
+    "rotations": ("one", "str", ROTATIONS),
+    "ssl_perturbation": ("shared", "str", SSL_PERTURBATIONS),
+    # adversarial training
+    "attack_variant": ("joint", "str", ATTACK_VARIANTS),
+    "norm_train": ("linf", "str", NORMS),
+    "eps_train": (0.1, "float", "nonneg"),
+    "train_attack": ("pgd", "str", TRAIN_ATTACKS),
+    "train_attack_steps": (3, "int", "pos"),
+    "train_step_size": (None, "float?", "pos"),  # None: 2.5·ε/steps (PGD) or 1.25·ε (FGSM)
+    "train_random_start": (True, "bool", None),
+    "train_bn_mode": ("train", "str", BN_MODES),
+    # SSL pre-training (init=ssl_pretrained)
+    "init": ("scratch", "str", INITS),
+    "pretrain_epochs": (2, "int", "pos"),
+    "pretrain_lr": (0.05, "float", "pos"),
+    # evaluation
+    "eval_norms": (["linf"], "list[str]", NORMS),
+    "eval_eps_linf": (None, "list[float]?", "nonneg"),  # None: the dataset's default grid
+    "eval_eps_l2": (None, "list[float]?", "nonneg"),
+    "eval_attack_steps": (20, "int", "pos"),
+    "eval_step_size_factor": (2.5, "float", "pos"),  # step = factor·ε/steps
+    "eval_restarts": (1, "int", "pos"),
+    "eval_batch_size": (500, "int", "pos"),
+    "corruptions": ([], "list[str]", CORRUPTIONS),
+    "corruption_severities": ([1, 2, 3, 4, 5], "list[int]", (1, 2, 3, 4, 5)),
+    # run
+    "seed": (0, "int", "nonneg"),
+}
+
+# Keys that change where or how fast a trial runs but not its result; excluded from config hashes.
+NON_SEMANTIC_KEYS = frozenset({"eval_batch_size"})
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message is one line that says what, where and how to fix."""
+
+
+def _closest(word: str, options) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _check_number(key: str, value: Any, kind: str, constraint: Any, where: str) -> Any:
+    base = kind.rstrip("?")
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: '{key}' must be finite, got {value!r}")
+    if constraint == "nonneg" and value < 0:
+        raise ConfigError(f"{where}: '{key}' must be >= 0, got {value!r}")
+    if constraint == "pos" and value <= 0:
+        raise ConfigError(f"{where}: '{key}' must be > 0, got {value!r}")
+    return value
+
+
+def check_value(key: str, value: Any, where: str = "config") -> Any:
+    """Validate (and normalise) one value; raises ConfigError with a one-line message."""
+    if key not in SCHEMA:
+        raise ConfigError(f"{where}: unknown setting '{key}'{_closest(key, SCHEMA)}")
+    _, kind, constraint = SCHEMA[key]
+    if value is None:
+        if kind.endswith("?"):
+            return None
+        raise ConfigError(f"{where}: '{key}' must not be empty")
+    if kind.startswith("list["):
+        elem = kind[5:].split("]")[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        return [_check_scalar(key, v, elem, constraint, where) for v in value]
+    return _check_scalar(key, value, kind, constraint, where)
+
+
+def _check_scalar(key: str, value: Any, kind: str, constraint: Any, where: str) -> Any:
+    base = kind.rstrip("?")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        if isinstance(constraint, tuple) and value not in constraint:
+            raise ConfigError(
+                f"{where}: unknown {key} '{value}'{_closest(value, constraint)}; "
+                f"choose one of {', '.join(constraint)}"
+            )
+        return value
+    value = _check_number(key, value, base, constraint if not isinstance(constraint, tuple) else None, where)
+    if isinstance(constraint, tuple) and value not in constraint:
+        raise ConfigError(f"{where}: '{key}' must be one of {constraint}, got {value!r}")
+    return value
+
+
+def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """Return the full config: defaults filled in, every value checked, derived values set."""
+    full = {key: default for key, (default, _, _) in SCHEMA.items()}
+    for key, value in config.items():
+        full[key] = check_value(key, value, where)
+    for norm in NORMS:
+        key = f"eval_eps_{norm}"
+        if full[key] is None:
+            full[key] = list(default_eps_grid(full["dataset"], norm))
+        full[key] = sorted(set(float(e) for e in full[key]))
+    if full["ssl_task"] == "none" and full["attack_variant"] == "ssl":
+        raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task; set ssl_task: rotation")
+    return full
+
+
+def default_eps_grid(dataset: str, norm: str) -> list[float]:
+    family = "mnist_family" if dataset in MNIST_FAMILY else "cifar"
+    return DEFAULT_EPS_GRIDS[family][norm]
+
+
+def parse_cli_value(key: str, text: str, where: str = "--set") -> Any:
+    """Parse `--set key=value` text into a typed value (YAML scalars and lists)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: cannot parse value {text!r} for '{key}'") from None
+    return value
