@@ -78,7 +78,7 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "eps_train": (0.1, "float", "nonneg"),
     "train_attack": ("pgd", "str", TRAIN_ATTACKS),
     "train_attack_steps": (3, "int", "pos"),
-    "train_step_size": (None, "float?", "pos"),  # None: 2.5·ε/steps (PGD) or 1.25·ε (FGSM)
+    "train_step_size_factor": (2.5, "float", "pos"),  # PGD step = factor·ε/steps; FGSM uses 1.25·ε
     "train_random_start": (True, "bool", None),
     "train_bn_mode": ("train", "str", BN_MODES),
     # SSL pre-training (init=ssl_pretrained)
@@ -114,8 +114,21 @@ def _closest(word: str, options) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+def _fraction(value: Any) -> Any:
+    """Budgets are written as users write them: "8/255" means 8/255."""
+    if isinstance(value, str) and value.count("/") == 1:
+        num, den = value.split("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
 def _check_number(key: str, value: Any, kind: str, constraint: Any, where: str) -> Any:
     base = kind.rstrip("?")
+    if base == "float":
+        value = _fraction(value)
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

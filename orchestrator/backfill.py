@@ -1,0 +1,19 @@
+"""Log to MLflow the results that reached Parquet while the tracking server was unreachable."""
+from __future__ import annotations
+
+import json
+
+from . import results, storage as storage_mod, tracking
+
+
+def backfill(spec, storage: str, tracking_uri: str | None) -> int:
+    storage = storage_mod.normalize(storage)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    table = results.load(spec.name, storage)
+    rows_by_hash = {h: g.to_dict("records") for h, g in table.groupby("config_hash")} if len(table) else {}
+    configs = {h: json.loads(rows[0]["config_json"]) for h, rows in rows_by_hash.items()}
+    written = tracking.backfill_from_results(uri, spec.name, rows_by_hash, configs)
+    print(f"logged {written} trial(s) of {spec.name} to MLflow at {uri} "
+          f"({len(rows_by_hash) - written} were already there)")
+    return written

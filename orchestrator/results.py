@@ -1,0 +1,360 @@
+"""The results table of a study: Parquet files, one per trial, schema defined once here.
+
+Layout (hive partitioned by study, so `pyarrow.dataset(..., partitioning="hive")` reads it too)::
+
+    {storage}/results/study={study}/{config_hash}.parquet
+
+It is a long table: one row per trial x norm x eps_test (adversarial rows, ``corruption`` and
+``severity`` null) and one per trial x corruption x severity (corruption rows, ``norm`` and
+``eps_test`` null, ``attack`` = "none", ``robust_acc`` = accuracy under the corruption).
+
+``study`` is stored in every file as well as in the partition directory name, so a file is
+self-describing; `load` always returns the directory's study name (the partition is authoritative).
+
+Each trial's file is written atomically (hidden temporary name in the same directory, then a move
+over the final name), so re-running a trial replaces its file instead of duplicating rows and an
+interrupted write leaves only a hidden file that readers ignore. All I/O goes through
+`pyarrow.fs`, so the same code writes local disk, NFS and object stores (s3://, gs://, file://).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import numbers
+import re
+import uuid
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from orchestrator.errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# The schema: (name, arrow type, nullable). Everything else is derived from this list.
+# --------------------------------------------------------------------------------------------
+_TS = pa.timestamp("us", tz="UTC")
+
+COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
+    ("study", pa.string(), False),
+    ("trial_id", pa.string(), False),
+    ("config_hash", pa.string(), False),
+    ("seed", pa.int64(), False),
+    ("dataset", pa.string(), False),
+    ("arch", pa.string(), False),
+    ("ssl_task", pa.string(), False),
+    ("ssl_weight", pa.float64(), False),
+    ("attack_variant", pa.string(), False),
+    ("init", pa.string(), False),
+    ("norm_train", pa.string(), False),
+    ("eps_train", pa.float64(), False),
+    ("train_attack_steps", pa.int64(), False),
+    ("rotations", pa.string(), False),
+    ("norm", pa.string(), True),  # null on corruption rows
+    ("eps_test", pa.float64(), True),  # null on corruption rows
+    ("attack", pa.string(), False),  # "pgd", or "none" on corruption rows
+    ("attack_steps", pa.int64(), True),  # null (or 0) on corruption rows
+    ("step_size", pa.float64(), True),  # null (or 0) on corruption rows
+    ("restarts", pa.int64(), True),  # null (or 0) on corruption rows
+    ("n_examples", pa.int64(), False),
+    ("clean_acc", pa.float64(), False),
+    ("robust_acc", pa.float64(), False),  # corruption rows: accuracy under the corruption
+    ("corruption", pa.string(), True),  # null on adversarial rows
+    ("severity", pa.int64(), True),  # null on adversarial rows
+    ("node_id", pa.string(), False),
+    ("mlflow_run_id", pa.string(), True),
+    ("git_sha", pa.string(), True),
+    ("finished_at", _TS, False),
+    ("config_json", pa.string(), False),  # the trial's full config, json.dumps(sort_keys=True)
+)
+
+SCHEMA: pa.Schema = pa.schema([pa.field(n, t, nullable=nullable) for n, t, nullable in COLUMN_SPECS])
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+REQUIRED_COLUMNS: frozenset[str] = frozenset(n for n, _, nullable in COLUMN_SPECS if not nullable)
+KEY_COLUMNS: tuple[str, ...] = ("config_hash", "norm", "eps_test", "corruption", "severity")
+PARTITION_KEY = "study"
+
+assert set(KEY_COLUMNS) <= set(COLUMNS)
+
+_PANDAS_3 = int(pd.__version__.split(".")[0]) >= 3
+
+
+def _pandas_dtype(field: pa.Field) -> Any:
+    t = field.type
+    if pa.types.is_string(t):
+        # pandas >= 3: the default string dtype (missing values are NaN); pandas 2: object.
+        return "str" if _PANDAS_3 else object
+    if pa.types.is_int64(t):
+        return "Int64" if field.nullable else "int64"
+    if pa.types.is_float64(t):
+        return "float64"
+    if pa.types.is_timestamp(t):
+        return pd.DatetimeTZDtype(unit=t.unit, tz=t.tz)
+    raise AssertionError(f"no pandas dtype for {t}")  # pragma: no cover - schema is fixed above
+
+
+PANDAS_DTYPES: dict[str, Any] = {f.name: _pandas_dtype(f) for f in SCHEMA}
+
+
+class ResultsError(UserError):
+    """A results file or a result row is unusable; the message says which and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _check_name(kind: str, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ResultsError(
+            f"invalid {kind} {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit"
+        )
+    return name
+
+
+def _is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def study_dir(storage: str, study: str) -> str:
+    """`{storage}/results/study={study}`; storage is a local path or a pyarrow.fs URI."""
+    _check_name("study name", study)
+    storage = str(storage)
+    base = storage.rstrip("/") or "/"
+    return f"{base}/results/{PARTITION_KEY}={study}"
+
+
+def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """Turn a local path or URI into (filesystem, path inside it)."""
+    location = str(location)
+    if _is_uri(location):
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with long messages
+            raise ResultsError(f"cannot open storage {location!r}: {_one_line(exc)}") from None
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _visible_parquet(info: pafs.FileInfo) -> bool:
+    name = info.base_name
+    return (
+        info.type == pafs.FileType.File
+        and name.endswith(".parquet")
+        and not name.startswith((".", "_"))
+    )
+
+
+def _list_files(storage: str, study: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    fs, path = _resolve(study_dir(storage, study))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except Exception as exc:
+        raise ResultsError(f"cannot list results of study '{study}' in {storage}: {_one_line(exc)}") from None
+    return fs, sorted((i for i in infos if _visible_parquet(i)), key=lambda i: i.base_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+def _is_missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _check_cell(col: str, field: pa.Field, value: Any, where: str) -> Any:
+    t = field.type
+    if _is_missing(value):
+        if field.nullable:
+            return None
+        raise ResultsError(f"{where}: column '{col}' must not be empty")
+    if pa.types.is_string(t):
+        if not isinstance(value, str):
+            raise ResultsError(f"{where}: column '{col}' must be a string, got {value!r}")
+        return value
+    if pa.types.is_int64(t):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise ResultsError(f"{where}: column '{col}' must be an integer, got {value!r}")
+        return int(value)
+    if pa.types.is_float64(t):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise ResultsError(f"{where}: column '{col}' must be a number, got {value!r}")
+        value = float(value)
+        if math.isinf(value):
+            raise ResultsError(f"{where}: column '{col}' must be finite, got {value!r}")
+        return value
+    if pa.types.is_timestamp(t):
+        if not isinstance(value, _dt.datetime):
+            raise ResultsError(f"{where}: column '{col}' must be a datetime, got {value!r}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ResultsError(
+                f"{where}: column '{col}' must be timezone-aware, e.g. datetime.now(timezone.utc)"
+            )
+        return value.astimezone(_dt.timezone.utc)
+    raise AssertionError(t)  # pragma: no cover
+
+
+def validate_rows(rows: list[dict], study: str | None = None, config_hash: str | None = None) -> pa.Table:
+    """Check result rows against SCHEMA and return them as an Arrow table (ResultsError if not)."""
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise ResultsError("a trial must have at least one result row")
+    columns: dict[str, list] = {name: [] for name in COLUMNS}
+    for i, row in enumerate(rows):
+        where = f"result row {i}" + (f" of trial {config_hash}" if config_hash else "")
+        if not isinstance(row, dict):
+            raise ResultsError(f"{where}: must be a dict, got {type(row).__name__}")
+        unknown = sorted(set(row) - set(COLUMNS))
+        if unknown:
+            raise ResultsError(f"{where}: unknown column '{unknown[0]}' (columns are defined in orchestrator/results.py)")
+        row = dict(row)
+        if study is not None:
+            row.setdefault("study", study)
+        for field in SCHEMA:
+            name = field.name
+            if name not in row:
+                if not field.nullable:
+                    raise ResultsError(f"{where}: missing required column '{name}'")
+                columns[name].append(None)
+                continue
+            columns[name].append(_check_cell(name, field, row[name], where))
+        is_corruption = row.get("corruption") is not None
+        if is_corruption and row.get("severity") is None:
+            raise ResultsError(f"{where}: corruption row needs 'severity'")
+        if not is_corruption and (row.get("norm") is None or row.get("eps_test") is None):
+            raise ResultsError(f"{where}: adversarial row needs 'norm' and 'eps_test' (or set 'corruption')")
+        if study is not None and row["study"] != study:
+            raise ResultsError(f"{where}: column 'study' is {row['study']!r}, expected {study!r}")
+        if config_hash is not None and row["config_hash"] != config_hash:
+            raise ResultsError(f"{where}: column 'config_hash' is {row['config_hash']!r}, expected {config_hash!r}")
+    table = pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in COLUMNS}, schema=SCHEMA)
+    keys = table.select(list(KEY_COLUMNS)).to_pandas()
+    dup = keys.duplicated(keep=False)
+    if dup.any():
+        first = keys[dup].iloc[0].to_dict()
+        trial = f"trial {config_hash}" if config_hash else "result rows"
+        raise ResultsError(f"{trial}: duplicate rows for {_fmt_key(first)}")
+    return table
+
+
+def _fmt_key(key: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in key.items() if v is not None and not (isinstance(v, float) and math.isnan(v)))
+
+
+# --------------------------------------------------------------------------------------------
+# Write
+# --------------------------------------------------------------------------------------------
+def write_trial(storage: str, study: str, config_hash: str, rows: list[dict]) -> str:
+    """Write one trial's rows to `{study_dir}/{config_hash}.parquet` atomically; return that path.
+
+    Writing the same config_hash again replaces the file (retries never duplicate rows).
+    """
+    _check_name("config hash", config_hash)
+    table = validate_rows(rows, study=study, config_hash=config_hash)
+    directory = study_dir(storage, study)
+    final_uri = f"{directory}/{config_hash}.parquet"
+    fs, dir_path = _resolve(directory)
+    final = f"{dir_path}/{config_hash}.parquet"
+    tmp = f"{dir_path}/.{config_hash}.{uuid.uuid4().hex}.tmp"
+    try:
+        fs.create_dir(dir_path, recursive=True)
+        with fs.open_output_stream(tmp) as out:
+            pq.write_table(table, out, compression="zstd")
+        fs.move(tmp, final)
+    except Exception as exc:
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
+    return final_uri
+
+
+# --------------------------------------------------------------------------------------------
+# Read
+# --------------------------------------------------------------------------------------------
+def empty_frame() -> pd.DataFrame:
+    """An empty results DataFrame with the schema's columns and dtypes."""
+    return _to_pandas(SCHEMA.empty_table())
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    df = table.to_pandas()
+    return df.astype(PANDAS_DTYPES)[list(COLUMNS)]
+
+
+def _read_file(fs: pafs.FileSystem, path: str, shown: str, study: str) -> pa.Table:
+    fix = "delete it and re-run the study (that cell will run again)"
+    try:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+    except Exception as exc:  # ArrowInvalid for a bad footer, OSError for corrupt pages or I/O
+        raise ResultsError(
+            f"results file {shown} is corrupt or unreadable ({_one_line(exc)}); if it is corrupt, {fix}"
+        ) from None
+    missing = [n for n in COLUMNS if n not in table.column_names]
+    if missing:
+        raise ResultsError(f"results file {shown} lacks column '{missing[0]}' (old or foreign format): {fix}")
+    try:
+        table = table.select(list(COLUMNS)).cast(SCHEMA)
+    except Exception as exc:
+        raise ResultsError(f"results file {shown} has wrong column types ({_one_line(exc)}): {fix}") from None
+    # The partition directory is authoritative for the study name.
+    table = table.set_column(0, "study", pa.array([study] * table.num_rows, type=pa.string()))
+    return table
+
+
+def load(study: str, storage: str = "runs") -> pd.DataFrame:
+    """Every result row of a study as a DataFrame (empty, with the schema's columns, if none)."""
+    fs, infos = _list_files(storage, study)
+    directory = study_dir(storage, study)
+    def read(info: pafs.FileInfo) -> pa.Table:
+        return _read_file(fs, info.path, f"{directory}/{info.base_name}", study)
+
+    if len(infos) > 8:  # many small files on an object store: read a few at a time
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            tables = list(pool.map(read, infos))  # re-raises the first error, in file order
+    else:
+        tables = [read(i) for i in infos]
+    if not tables:
+        return empty_frame()
+    df = _to_pandas(pa.concat_tables(tables))
+    dup = df.duplicated(subset=list(KEY_COLUMNS), keep=False)  # NaN/None compare equal here
+    if dup.any():
+        first = df.loc[dup, list(KEY_COLUMNS)].iloc[0].to_dict()
+        hashes = sorted(df.loc[dup, "config_hash"].unique())
+        raise ResultsError(
+            f"study '{study}' has duplicate results for {_fmt_key(first)} (files: "
+            f"{', '.join(h + '.parquet' for h in hashes[:3])}); delete the duplicates in {directory} and re-run"
+        )
+    return df.reset_index(drop=True)
+
+
+def completed_hashes(storage: str, study: str) -> set[str]:
+    """Config hashes that have a result file (lists file names only, reads nothing)."""
+    _, infos = _list_files(storage, study)
+    return {i.base_name[: -len(".parquet")] for i in infos}
+
+
+def trial_table(storage: str, study: str, config_hash: str) -> pd.DataFrame:
+    """One trial's rows (empty DataFrame with the schema's columns if it has no result file)."""
+    _check_name("config hash", config_hash)
+    directory = study_dir(storage, study)
+    fs, dir_path = _resolve(directory)
+    path = f"{dir_path}/{config_hash}.parquet"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return empty_frame()
+    return _to_pandas(_read_file(fs, path, f"{directory}/{config_hash}.parquet", study))

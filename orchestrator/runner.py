@@ -1,0 +1,323 @@
+"""Run a study on Ray Tune: the grid (or an Optuna search) of trials, tracked in MLflow.
+
+The driver decides what to run (cells without results), checks everything that can be checked
+before a trial starts (tracking store, Ray address, GPUs), starts the parent MLflow run, runs the
+Tuner, and at the end writes the report and prints the robustness table.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from . import results, storage as storage_mod, tracking
+from .errors import UserError
+from .spec import StudySpec, Trial, config_hash
+
+TUNE_STATE_FILE = "sslrobust_invocation.json"
+
+
+@dataclass
+class RunOptions:
+    storage: str = "runs"
+    tracking_uri: str | None = None
+    address: str | None = None
+    max_concurrent: int | None = None
+    resume: bool = False
+    dry_run: bool = False
+    data_dir: str | None = None
+    resources: dict | None = None
+    verbose: int = 1
+
+
+@dataclass
+class StudyOutcome:
+    ran: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    tracking_errors: list[str] = field(default_factory=list)
+    report_path: str | None = None
+    parent_run_id: str | None = None
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan(spec: StudySpec, storage: str) -> tuple[list[Trial], list[Trial]]:
+    """(all trials of the grid, the ones that still need to run)."""
+    trials = spec.trials()
+    done = results.completed_hashes(storage, spec.name)
+    return trials, [t for t in trials if t.config_hash not in done]
+
+
+def describe_plan(spec: StudySpec, trials: list[Trial], pending: list[Trial], out=sys.stdout) -> None:
+    varying = spec.varying()
+    done = len(trials) - len(pending)
+    print(f"study {spec.name} ({spec.scale} scale): {len(trials)} trials, {done} already done, "
+          f"{len(pending)} to run", file=out)
+    if spec.description:
+        print(f"  {spec.description}", file=out)
+    print(f"  varying: {', '.join(varying) if varying else '(nothing)'}; "
+          f"resources per trial: cpu={spec.resources['cpu']:g} gpu={spec.resources['gpu']:g}", file=out)
+    pending_hashes = {t.config_hash for t in pending}
+    for t in trials:
+        values = ", ".join(f"{k}={t.factors[k]}" for k in varying) or "(single cell)"
+        status = "to run" if t.config_hash in pending_hashes else "done"
+        print(f"  {t.config_hash}  {values:<60} {status}", file=out)
+
+
+# ----------------------------------------------------------------------------- ray
+
+
+def connect_ray(address: str | None, num_cpus_hint: float | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # A local Ray of this machine; its dashboard (if installed) listens on 127.0.0.1 only.
+            ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    except ConnectionError as err:
+        raise UserError(f"cannot reach a Ray cluster at --address {address}: {str(err).splitlines()[0]}; "
+                        f"start one with `ray start --head` or `ray up cluster.yaml`, or drop --address "
+                        f"to run on this machine") from None
+    except Exception as err:  # noqa: BLE001 - ray raises many types for a bad address
+        if address:
+            raise UserError(f"cannot connect to Ray at --address {address} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); check the address "
+                            f"(`ray status` on the head node prints it)") from None
+        raise
+
+
+def check_cluster_resources(resources: dict, autoscaling: bool, out=sys.stdout) -> None:
+    """Refuse a study a local Ray can never run; on a cluster only warn (the autoscaler adds nodes)."""
+    import ray
+
+    available = ray.cluster_resources()
+    problems = []
+    if resources.get("gpu", 0) > 0 and available.get("GPU", 0) == 0:
+        problems.append(f"the study asks for gpu: {resources['gpu']:g} per trial but the Ray cluster has no GPU")
+    if resources.get("cpu", 0) > available.get("CPU", 0):
+        problems.append(f"a trial asks for cpu: {resources['cpu']:g} but the Ray cluster has "
+                        f"{available.get('CPU', 0):g} CPUs")
+    if not problems:
+        return
+    if autoscaling:
+        print(f"note: {'; '.join(problems)} right now; trials wait until the autoscaler adds such nodes",
+              file=out)
+        return
+    raise UserError(f"{'; '.join(problems)}; to run on this machine's CPUs pass --resources cpu=1,gpu=0 "
+                    f"(or use --scale default)")
+
+
+# ----------------------------------------------------------------------------- tune
+
+
+def _trial_namer(spec: StudySpec):
+    varying = spec.varying()
+
+    def name(trial) -> str:
+        cell = trial.config.get("cell")
+        if cell is not None:
+            parts = [f"{k}={cell.get(k)}" for k in varying]
+        else:
+            parts = [f"{k}={trial.config[k]:.4g}" for k in sorted(trial.config) if k != "cell"]
+        return f"{trial.trial_id}_" + ("_".join(parts) if parts else "cell")
+
+    return name
+
+
+def _invocation_dirs(storage: str, study: str) -> list[str]:
+    fs, path = storage_mod.filesystem_and_path(storage_mod.join(storage, "tune"))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith(f"{study}-"))
+    return [storage_mod.join(storage, "tune", n) for n in names]
+
+
+def _write_invocation(experiment_path: str, info: dict) -> None:
+    fs, path = storage_mod.filesystem_and_path(experiment_path)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{TUNE_STATE_FILE}") as stream:
+        stream.write(json.dumps(info).encode())
+
+
+def _read_invocation(experiment_path: str) -> dict:
+    fs, path = storage_mod.filesystem_and_path(experiment_path)
+    try:
+        with fs.open_input_stream(f"{path}/{TUNE_STATE_FILE}") as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+
+
+def _search_setup(spec: StudySpec, context, storage: str, max_concurrent: int | None):
+    """Optuna over the search space, warm-started with the results this study already has."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .trainable import summary_metrics, trial_config
+
+    space = {
+        key: (tune.loguniform if rng.get("log") else tune.uniform)(float(rng["low"]), float(rng["high"]))
+        for key, rng in spec.search.space.items()
+    }
+    points, rewards = [], []
+    table = results.load(spec.name, storage)
+    for chash, rows in table.groupby("config_hash") if len(table) else []:
+        config = json.loads(rows["config_json"].iloc[0])
+        point = {k: config[k] for k in spec.search.space}
+        if config_hash(trial_config(point, context)) != chash:
+            continue  # a result of different fixed settings: not a sample of this search
+        records = rows.to_dict("records")
+        for r in records:
+            r["corruption"] = None if r["corruption"] is None or r["corruption"] != r["corruption"] else r["corruption"]
+        summary = summary_metrics(config, records)
+        points.append(point)
+        rewards.append([summary[o] for o in spec.search.objectives])
+    searcher = OptunaSearch(
+        metric=list(spec.search.objectives), mode=["max"] * len(spec.search.objectives),
+        points_to_evaluate=points or None, evaluated_rewards=rewards or None,
+        seed=spec.seeds[0],
+    )
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or spec.search.max_concurrent)
+    remaining = max(spec.search.num_samples - len(points), 0)
+    return space, limiter, remaining, len(points)
+
+
+def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutcome:
+    from ray import tune
+
+    from .summary import finish_study
+    from .trainable import StudyContext, run_trial
+
+    storage = storage_mod.normalize(options.storage)
+    resources = dict(spec.resources)
+    if options.resources:
+        resources.update(options.resources)
+    trials, pending = plan(spec, storage)
+    outcome = StudyOutcome(skipped=len(trials) - len(pending))
+    if options.dry_run:
+        if spec.search is not None:
+            print(f"study {spec.name} ({spec.scale} scale): an Optuna search of {spec.search.num_samples} "
+                  f"trials over {', '.join(spec.search.space)}; objectives: "
+                  f"{', '.join(spec.search.objectives)}; {len(results.completed_hashes(storage, spec.name))} "
+                  f"results exist", file=out)
+        else:
+            describe_plan(spec, trials, pending, out)
+        return outcome
+
+    tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    tracking.check_reachable(tracking_uri)
+    connect_ray(options.address)
+    check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
+
+    previous = _invocation_dirs(storage, spec.name)
+    restore_path = None
+    if options.resume:
+        from ray.tune import Tuner
+
+        restorable = [p for p in previous if Tuner.can_restore(p)]
+        if restorable:
+            restore_path = restorable[-1]
+        else:
+            print(f"--resume: no interrupted run of {spec.name} under {storage}/tune; starting the "
+                  f"missing cells afresh", file=out)
+
+    experiment_id = tracking.study_experiment(tracking_uri, spec.name)
+    parent_run_id = _read_invocation(restore_path).get("parent_run_id") if restore_path else None
+    provenance = tracking.provenance_tags()
+    if parent_run_id:
+        tracking.reopen_run(tracking_uri, parent_run_id)
+    else:
+        parent_run_id = tracking.start_parent_run(
+            tracking_uri, experiment_id, spec.name,
+            params={"scale": spec.scale, "trials": len(trials), "to_run": len(pending),
+                    "factors": json.dumps(spec.factors), "seeds": json.dumps(spec.seeds),
+                    **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
+            tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage},
+        )
+    stale = tracking.close_stale_runs(tracking_uri, experiment_id, exclude={parent_run_id})
+    if stale:
+        print(f"marked {len(stale)} MLflow run(s) left RUNNING by an earlier, interrupted invocation as KILLED",
+              file=out)
+    outcome.parent_run_id = parent_run_id
+
+    context = StudyContext(
+        study=spec.name, storage=storage, tracking_uri=tracking_uri, experiment_id=experiment_id,
+        parent_run_id=parent_run_id, fixed=dict(spec.fixed), cpus_per_trial=resources["cpu"],
+        data_dir=options.data_dir, git_sha=provenance.get("sslrobust.git_sha"), provenance=provenance,
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"cpu": resources["cpu"], "gpu": resources["gpu"]})
+    run_config = tune.RunConfig(
+        name=os.path.basename(restore_path) if restore_path
+        else f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S-%f}",
+        storage_path=storage_mod.join(storage, "tune"),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=options.verbose,
+    )
+    status = "FINISHED"
+    try:
+        if restore_path:
+            tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
+            print(f"resuming {restore_path}", file=out)
+        elif spec.search is not None:
+            space, searcher, remaining, warm = _search_setup(spec, context, storage, options.max_concurrent)
+            print(f"Optuna search: {warm} earlier results as warm start, {remaining} new trials", file=out)
+            outcome.skipped = warm
+            if remaining == 0:
+                tuner = None
+            else:
+                tuner = tune.Tuner(
+                    trainable, param_space=space, run_config=run_config,
+                    tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining, reuse_actors=True,
+                                                trial_dirname_creator=lambda t: t.trial_id,
+                                                trial_name_creator=_trial_namer(spec)),
+                )
+        elif pending:
+            describe_plan(spec, trials, pending, out)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"cell": tune.grid_search([t.config for t in pending])},
+                run_config=run_config,
+                tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=options.max_concurrent,
+                                            trial_dirname_creator=lambda t: t.trial_id,
+                                            trial_name_creator=_trial_namer(spec)),
+            )
+        else:
+            print(f"every one of the {len(trials)} trials of {spec.name} has results; nothing to run "
+                  f"(add values to a factor or seeds to run more)", file=out)
+            tuner = None
+        if tuner is not None:
+            if not restore_path:
+                _write_invocation(storage_mod.join(storage, "tune", run_config.name),
+                                  {"parent_run_id": parent_run_id, "study": spec.name, "scale": spec.scale})
+            grid = tuner.fit()
+            for result in grid:
+                if result.error is not None:
+                    outcome.failed.append(f"{result.path}: {type(result.error).__name__}: "
+                                          f"{str(result.error).strip().splitlines()[-1] if str(result.error) else ''}")
+                    continue
+                outcome.ran += 1
+                error = (result.metrics or {}).get("tracking_error")
+                if error:
+                    outcome.tracking_errors.append(f"{result.metrics.get('config_hash')}: {error}")
+        if outcome.failed:
+            status = "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(tracking_uri, parent_run_id, status)
+    outcome.report_path = finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, out)
+    return outcome

@@ -1,0 +1,79 @@
+"""The end of a study invocation: the report, its MLflow artifacts, and what the user reads last."""
+from __future__ import annotations
+
+import json
+import sys
+
+from . import results, tracking
+from .errors import UserError
+
+
+def robustness_table(spec, table) -> str:
+    """Robust accuracy (mean ± 95% CI over seeds) against ε_test, a row per cell of the factors."""
+    from .report import mean_ci
+
+    if table.empty:
+        return "(no results yet)"
+    configs = table["config_json"].map(json.loads)
+    norm_train = configs.map(lambda c: c["norm_train"])
+    adv = table[table["corruption"].isna() & (table["norm"] == norm_train)].copy()
+    if adv.empty:
+        return "(no adversarial results)"
+    factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
+    adv_configs = adv["config_json"].map(json.loads)
+    for name in factor_names:
+        adv[f"factor.{name}"] = adv_configs.map(lambda c, n=name: json.dumps(c.get(n)))
+    keys = [f"factor.{n}" for n in factor_names]
+    eps_values = sorted(adv["eps_test"].unique())
+    header = [*factor_names, "seeds", *(f"ε={e:g}" for e in eps_values)]
+    lines = [header]
+    for key, group in adv.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = [json.loads(k) for k in key]
+        row.append(str(group["seed"].nunique()))
+        for eps in eps_values:
+            mean, half, n = mean_ci(group[group["eps_test"] == eps]["robust_acc"])
+            row.append("–" if n == 0 else f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}")
+        lines.append([str(v) for v in row])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    rendered.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(rendered)
+
+
+def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, out=sys.stdout) -> str | None:
+    from .report import build_report
+
+    table = results.load(spec.name, storage)
+    report_path = None
+    try:
+        files = build_report(spec.name, storage, spec_text=spec.text,
+                             expected_hashes={t.config_hash: t.config for t in trials} or None)
+        report_path = str(files.html)
+        tracking.log_artifacts(tracking_uri, parent_run_id, [files.html, *files.figures, *files.tables],
+                               artifact_path="report")
+    except UserError as err:
+        print(f"report not written: {err}", file=out)
+    print("", file=out)
+    print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
+    print(robustness_table(spec, table), file=out)
+    print("", file=out)
+    print(f"trials run now: {outcome.ran}, skipped (results existed): {outcome.skipped}, "
+          f"failed: {len(outcome.failed)}", file=out)
+    for failure in outcome.failed:
+        print(f"  failed: {failure}", file=out)
+    if outcome.tracking_errors:
+        print(f"MLflow tracking failed for {len(outcome.tracking_errors)} trial(s); their results are in "
+              f"Parquet. Log them to MLflow once the server is back with:", file=out)
+        print(f"  python -m orchestrator.study {spec.name} --backfill-tracking --storage {storage} "
+              f"--tracking-uri {tracking_uri}", file=out)
+        for error in outcome.tracking_errors:
+            print(f"  {error}", file=out)
+    print(f"results:  {results.study_dir(storage, spec.name)}  (orchestrator.results.load('{spec.name}', "
+          f"'{storage}'))", file=out)
+    if report_path:
+        print(f"report:   {report_path}", file=out)
+    print(f"MLflow:   mlflow ui --backend-store-uri {tracking_uri}  (then open http://127.0.0.1:5000)"
+          if tracking_uri.startswith(("sqlite", "postgresql", "mysql"))
+          else f"MLflow:   {tracking_uri}", file=out)
+    return report_path

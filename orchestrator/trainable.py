@@ -1,0 +1,165 @@
+"""The Ray Tune function trainable: one trial = train one configuration, evaluate it, record it.
+
+It is a thin layer over `trainables`: it restores from `tune.get_checkpoint()`, reports every epoch
+with a checkpoint, writes the trial's Parquet file, and tracks the trial as an MLflow child run.
+Tracking failures never fail the science: the Parquet file is written regardless and the missing
+tracking is reported by the driver at the end.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray import tune
+
+from trainables.config import resolve
+from trainables.train import Trainer
+
+from . import results
+from .pretrain import ensure_pretrained
+from .spec import config_hash
+from .tracking import TrialTracker, result_metric_name
+from .trial_plot import plot_trial_curve
+
+CHECKPOINT_FILE = "trial_state.pt"
+# Config keys that are also Parquet columns (the rest of the config is in `config_json`).
+CONFIG_COLUMNS = tuple(
+    c for c in results.COLUMNS
+    if c in ("seed", "dataset", "arch", "ssl_task", "ssl_weight", "attack_variant", "init",
+             "norm_train", "eps_train", "train_attack_steps", "rotations")
+)
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """What every trial of one study invocation shares (passed with `tune.with_parameters`)."""
+
+    study: str
+    storage: str
+    tracking_uri: str
+    experiment_id: str | None
+    parent_run_id: str | None
+    fixed: dict
+    cpus_per_trial: float
+    data_dir: str | None = None
+    git_sha: str | None = None
+    provenance: dict | None = None
+
+
+def trial_config(params: dict, context: StudyContext) -> dict:
+    """Grid trials carry their whole config in `params["cell"]`; search trials only sampled keys."""
+    sampled = {k: v for k, v in params.items() if k != "cell"}
+    return resolve({**context.fixed, **params.get("cell", {}), **sampled})
+
+
+def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
+    """The numbers a search optimises and the progress table shows."""
+    adversarial = [r for r in records if r["corruption"] is None and r["norm"] == config["norm_train"]]
+    clean = records[0]["clean_acc"] if records else float("nan")
+    above = [r["robust_acc"] for r in adversarial if r["eps_test"] >= config["eps_train"] - 1e-12]
+    at = [r["robust_acc"] for r in adversarial if abs(r["eps_test"] - config["eps_train"]) < 1e-12]
+    return {
+        "clean_acc": clean,
+        "robust_acc_above_eps_train": sum(above) / len(above) if above else float("nan"),
+        "robust_acc_at_eps_train": at[0] if at else float("nan"),
+    }
+
+
+def trial_rows(context: StudyContext, config: dict, chash: str, trial_id: str, records: list[dict],
+               node_id: str, mlflow_run_id: str | None) -> list[dict]:
+    finished_at = dt.datetime.now(dt.timezone.utc)
+    config_json = json.dumps(config, sort_keys=True)
+    shared = {c: config[c] for c in CONFIG_COLUMNS}
+    return [
+        {
+            **shared, **record, "study": context.study, "trial_id": trial_id, "config_hash": chash,
+            "node_id": node_id, "mlflow_run_id": mlflow_run_id, "git_sha": context.git_sha,
+            "finished_at": finished_at, "config_json": config_json,
+        }
+        for record in records
+    ]
+
+
+def _load_checkpoint(log) -> dict | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = os.path.join(folder, CHECKPOINT_FILE)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a corrupt checkpoint is named and never used
+            log(f"WARNING: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+                f"not using it, the trial starts again from epoch 0")
+            return None
+
+
+def run_trial(params: dict, context: StudyContext) -> None:
+    log = lambda message: print(f"[{context.study}] {message}", flush=True)  # noqa: E731
+    config = trial_config(params, context)
+    chash = config_hash(config)
+    torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+    trial_id = tune.get_context().get_trial_id() or chash
+    node_id = ray.get_runtime_context().get_node_id()
+
+    pretrained = None
+    if config["init"] == "ssl_pretrained":
+        pretrained, _ = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
+                                          data_dir=context.data_dir, log=log)
+    trainer = Trainer(config, data_dir=context.data_dir, pretrained=pretrained)
+    state = _load_checkpoint(log)
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        log(f"trial {chash} resumes after epoch {trainer.epoch}")
+
+    tracker = TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, chash,
+                           run_name=f"{context.study}-{chash[:8]}") if context.experiment_id else None
+    if tracker is not None:
+        tracker.start(
+            params=config,
+            tags={**(context.provenance or {}), "sslrobust.study": context.study, "sslrobust.node_id": node_id},
+            existing_run_id=state.get("mlflow_run_id") if state else None,
+        )
+    run_id = tracker.run_id if tracker is not None else None
+
+    for metrics in trainer.epochs():
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id, "config_hash": chash},
+                       os.path.join(folder, CHECKPOINT_FILE))
+            tune.report({**metrics, "config_hash": chash}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    records = trainer.evaluate()
+    rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id)
+    parquet_path = results.write_trial(context.storage, context.study, chash, rows)
+    summary = summary_metrics(config, records)
+    if tracker is not None:
+        tracker.log_result_metrics({
+            **{result_metric_name(r["norm"], r["eps_test"], r["corruption"], r["severity"]): r["robust_acc"]
+               for r in records},
+            **summary,
+        })
+        with tempfile.TemporaryDirectory() as folder:
+            plot = plot_trial_curve(records, config, os.path.join(folder, "robust_accuracy_curve.png"))
+            tracker.log_artifact(plot)
+            local_copy = os.path.join(folder, f"{chash}.parquet")
+            results.trial_table(context.storage, context.study, chash).to_parquet(local_copy)
+            tracker.log_artifact(local_copy)
+        tracker.finish("FINISHED")
+    tracking_error = tracker.error if tracker is not None and not tracker.ok else ""
+    tune.report({
+        **summary, "epoch": trainer.epoch, "config_hash": chash, "parquet": parquet_path,
+        "mlflow_run_id": run_id or "", "tracking_error": tracking_error or "",
+    })
+    # Reused actors run the next trial in this process: leave nothing of this one behind.
+    del trainer, pretrained
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

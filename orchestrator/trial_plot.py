@@ -1,0 +1,27 @@
+"""The per-trial figure logged to MLflow: robust accuracy against ε_test, ε_train marked."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_trial_curve(records: list[dict], config: dict, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for norm in config["eval_norms"]:
+        points = sorted((r["eps_test"], r["robust_acc"]) for r in records
+                        if r["corruption"] is None and r["norm"] == norm)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"PGD {norm}")
+    ax.axvline(config["eps_train"], color="grey", linestyle="--", label=f"ε_train = {config['eps_train']:g}")
+    ax.set_xlabel("ε_test")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"λ = {config['ssl_weight']:g}, {config['attack_variant']}, {config['init']}, seed {config['seed']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,184 @@
+"""orchestrator.results: real Parquet files in tmp_path, no mocks."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator import results
+from orchestrator.errors import UserError
+from orchestrator.results import KEY_COLUMNS, SCHEMA, ResultsError
+
+FINISHED = dt.datetime(2026, 11, 21, 12, 30, 15, 123456, tzinfo=dt.timezone.utc)
+
+
+def _config(seed=0, ssl_weight=0.5):
+    return {
+        "dataset": "fashion_mnist", "arch": "small_cnn", "ssl_task": "rotation", "ssl_weight": ssl_weight,
+        "attack_variant": "joint", "init": "scratch", "norm_train": "linf", "eps_train": 0.1,
+        "train_attack_steps": 3, "rotations": "one", "seed": seed,
+    }
+
+
+def trial_rows(config_hash="h0", seed=0, eps=(0.0, 0.05, 0.1), corruptions=(("contrast", 1), ("contrast", 3)),
+               study="s1", **over):
+    cfg = _config(seed)
+    base = {
+        "study": study, "trial_id": f"trial_{config_hash}", "config_hash": config_hash, "seed": seed,
+        **{k: v for k, v in cfg.items() if k != "seed"},
+        "attack": "pgd", "attack_steps": 10, "restarts": 1, "n_examples": 1000, "clean_acc": 0.75,
+        "node_id": "node-a", "mlflow_run_id": "run123", "git_sha": None, "finished_at": FINISHED,
+        "config_json": json.dumps(cfg, sort_keys=True),
+    }
+    base.update(over)
+    rows = [dict(base, norm="linf", eps_test=e, step_size=2.5 * e / 10, robust_acc=0.7 - e) for e in eps]
+    rows += [
+        dict(base, norm=None, eps_test=None, attack="none", attack_steps=None, step_size=None, restarts=None,
+             corruption=c, severity=s, robust_acc=0.6 - 0.05 * s)
+        for c, s in corruptions
+    ]
+    return rows
+
+
+def test_schema_is_single_source():
+    assert results.COLUMNS == tuple(SCHEMA.names)
+    assert set(results.PANDAS_DTYPES) == set(SCHEMA.names)
+    assert set(KEY_COLUMNS) <= set(SCHEMA.names)
+    assert SCHEMA.field("finished_at").type == pa.timestamp("us", tz="UTC")
+    assert "study" in SCHEMA.names
+
+
+def test_study_dir_local_and_uri(tmp_path):
+    assert results.study_dir(str(tmp_path), "abc") == f"{tmp_path}/results/study=abc"
+    assert results.study_dir("s3://bucket/prefix/", "abc") == "s3://bucket/prefix/results/study=abc"
+    with pytest.raises(ResultsError, match="invalid study name"):
+        results.study_dir(str(tmp_path), "../etc")
+
+
+def test_round_trip_preserves_values_and_types(tmp_path):
+    rows = trial_rows()
+    path = results.write_trial(str(tmp_path), "s1", "h0", rows)
+    assert path == f"{tmp_path}/results/study=s1/h0.parquet"
+    assert os.path.isfile(path)
+    df = results.load("s1", str(tmp_path))
+    assert list(df.columns) == list(SCHEMA.names)
+    assert len(df) == len(rows) == 5
+    for name, dtype in results.PANDAS_DTYPES.items():
+        assert df[name].dtype == pd.Series([], dtype=dtype).dtype, name
+    adv = df[df["corruption"].isna()].sort_values("eps_test")
+    assert adv["eps_test"].tolist() == [0.0, 0.05, 0.1]
+    assert adv["robust_acc"].tolist() == pytest.approx([0.7, 0.65, 0.6])
+    assert adv["attack_steps"].tolist() == [10, 10, 10]
+    cor = df[df["corruption"].notna()].sort_values("severity")
+    assert cor["severity"].tolist() == [1, 3]
+    assert cor["norm"].isna().all() and cor["eps_test"].isna().all() and cor["attack_steps"].isna().all()
+    assert (cor["attack"] == "none").all()
+    assert (df["study"] == "s1").all()
+    assert df["seed"].tolist() == [0] * 5
+    assert df["git_sha"].isna().all()
+    assert (df["mlflow_run_id"] == "run123").all()
+    assert (df["finished_at"] == pd.Timestamp(FINISHED)).all()
+    assert json.loads(df["config_json"].iloc[0])["ssl_weight"] == 0.5
+    # the study is also readable as a hive-partitioned dataset
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(f"{tmp_path}/results", format="parquet", partitioning="hive").to_table()
+    assert set(t.column("study").to_pylist()) == {"s1"}
+
+
+def test_file_uri_storage(tmp_path):
+    uri = f"file://{tmp_path}"
+    path = results.write_trial(uri, "s1", "h0", trial_rows())
+    assert path.startswith("file://")
+    assert len(results.load("s1", uri)) == 5
+    assert results.completed_hashes(uri, "s1") == {"h0"}
+
+
+def test_rewrite_replaces_without_duplicates(tmp_path):
+    results.write_trial(str(tmp_path), "s1", "h0", trial_rows(clean_acc=0.1))
+    results.write_trial(str(tmp_path), "s1", "h0", trial_rows(clean_acc=0.9))
+    df = results.load("s1", str(tmp_path))
+    assert len(df) == 5
+    assert (df["clean_acc"] == 0.9).all()
+    files = os.listdir(f"{tmp_path}/results/study=s1")
+    assert files == ["h0.parquet"]  # no temporary left behind
+
+
+def test_interrupted_write_is_invisible(tmp_path):
+    results.write_trial(str(tmp_path), "s1", "h0", trial_rows())
+    d = f"{tmp_path}/results/study=s1"
+    # a write of trial h1 interrupted half-way: truncated bytes under a hidden temporary name
+    table = results.validate_rows(trial_rows("h1"), "s1", "h1")
+    pq.write_table(table, f"{d}/.h1.full.tmp")
+    data = open(f"{d}/.h1.full.tmp", "rb").read()
+    os.remove(f"{d}/.h1.full.tmp")
+    with open(f"{d}/.h1.0123abcd.tmp", "wb") as f:
+        f.write(data[: len(data) // 2])
+    df = results.load("s1", str(tmp_path))
+    assert set(df["config_hash"]) == {"h0"}
+    assert results.completed_hashes(str(tmp_path), "s1") == {"h0"}
+
+
+def test_corrupt_visible_file_names_the_file(tmp_path):
+    results.write_trial(str(tmp_path), "s1", "h0", trial_rows())
+    bad = f"{tmp_path}/results/study=s1/badhash.parquet"
+    with open(bad, "wb") as f:
+        f.write(b"PAR1 this is not parquet")
+    with pytest.raises(ResultsError) as err:
+        results.load("s1", str(tmp_path))
+    msg = str(err.value)
+    assert "badhash.parquet" in msg and "delete it and re-run" in msg
+    assert "\n" not in msg
+    assert isinstance(err.value, UserError)
+
+
+def test_duplicate_keys_raise(tmp_path):
+    results.write_trial(str(tmp_path), "s1", "h0", trial_rows())
+    d = f"{tmp_path}/results/study=s1"
+    # the same trial's rows under a second file name (e.g. copied by hand)
+    pq.write_table(pq.read_table(f"{d}/h0.parquet"), f"{d}/h0copy.parquet")
+    with pytest.raises(ResultsError, match="duplicate"):
+        results.load("s1", str(tmp_path))
+    # duplicates inside one trial are refused at write time (null keys count as equal)
+    rows = trial_rows("h2", eps=(), corruptions=(("contrast", 1), ("contrast", 1)), study="s2")
+    with pytest.raises(ResultsError, match="duplicate"):
+        results.write_trial(str(tmp_path), "s2", "h2", rows)
+
+
+def test_validation_errors_name_the_column(tmp_path):
+    rows = trial_rows()
+    del rows[0]["robust_acc"]
+    with pytest.raises(ResultsError, match="'robust_acc'"):
+        results.write_trial(str(tmp_path), "s1", "h0", rows)
+    with pytest.raises(ResultsError, match="'seed'.*integer"):
+        results.write_trial(str(tmp_path), "s1", "h0", trial_rows(seed="0"))
+    with pytest.raises(ResultsError, match="'eps_train'.*number"):
+        results.write_trial(str(tmp_path), "s1", "h0", trial_rows(eps_train="0.1"))
+    with pytest.raises(ResultsError, match="'finished_at'.*timezone"):
+        results.write_trial(str(tmp_path), "s1", "h0", trial_rows(finished_at=dt.datetime(2026, 1, 1)))
+    with pytest.raises(ResultsError, match="unknown column 'robust_accc'"):
+        results.write_trial(str(tmp_path), "s1", "h0", [dict(trial_rows()[0], robust_accc=0.1)])
+    with pytest.raises(ResultsError, match="config_hash"):
+        results.write_trial(str(tmp_path), "s1", "other", trial_rows())
+    with pytest.raises(ResultsError, match="at least one"):
+        results.write_trial(str(tmp_path), "s1", "h0", [])
+    assert not os.path.exists(f"{tmp_path}/results/study=s1")  # nothing written on failure
+
+
+def test_completed_hashes_and_empty_study(tmp_path):
+    assert results.completed_hashes(str(tmp_path), "s1") == set()
+    empty = results.load("s1", str(tmp_path))
+    assert empty.empty and list(empty.columns) == list(SCHEMA.names)
+    for h in ("aa", "bb", "cc"):
+        results.write_trial(str(tmp_path), "s1", h, trial_rows(h))
+    results.write_trial(str(tmp_path), "s2", "dd", trial_rows("dd", study="s2"))
+    assert results.completed_hashes(str(tmp_path), "s1") == {"aa", "bb", "cc"}
+    assert results.completed_hashes(str(tmp_path), "s2") == {"dd"}
+    assert len(results.load("s1", str(tmp_path))) == 15
+    assert len(results.trial_table(str(tmp_path), "s1", "bb")) == 5
+    assert results.trial_table(str(tmp_path), "s1", "zz").empty

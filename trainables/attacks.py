@@ -1,0 +1,143 @@
+"""Gradient attacks in pixel space ([0, 1] images): PGD for l∞ and l2, and FGSM with random start.
+
+An objective is any function `objective(model, x_adv, y) -> per-example loss (N,)`; the attack
+maximises it. Which objective is passed here and which to the parameter update is exactly what the
+attack-loss variants (`ce`, `joint`, `ssl`) differ in, see `trainables.objectives`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Guards the division by a zero gradient (e.g. an input the objective does not depend on).
+_TINY = 1e-12
+
+
+def cross_entropy_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Project δ onto the ε-ball of `norm` and so that x + δ stays in [0, 1]."""
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    elif norm == "l2":
+        delta = delta * torch.clamp(eps / (_per_example_norm(delta) + _TINY), max=1.0)
+    else:
+        raise ValueError(f"unknown norm {norm!r}")
+    # Clamping the image can only shrink |δ| coordinate-wise, so the result stays in the ball.
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def random_delta(
+    shape: torch.Size, norm: str, eps: float, device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A random start: uniform in the l∞ cube, or a uniformly random direction and radius in l2."""
+    if norm == "linf":
+        return (torch.rand(shape, device=device, generator=generator) * 2 - 1) * eps
+    direction = torch.randn(shape, device=device, generator=generator)
+    direction = direction / (_per_example_norm(direction) + _TINY)
+    radius = torch.rand((shape[0],) + (1,) * (len(shape) - 1), device=device, generator=generator)
+    return direction * radius * eps
+
+
+def _ascent_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return grad.sign()
+    return grad / (_per_example_norm(grad) + _TINY)
+
+
+@contextmanager
+def batchnorm_mode(model: torch.nn.Module, mode: str | None) -> Iterator[None]:
+    """Run with the model in `mode` ("train" or "eval"; None keeps it) and restore it afterwards."""
+    was_training = model.training
+    if mode is not None:
+        model.train(mode == "train")
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def pgd(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective = cross_entropy_objective,
+    norm: str = "linf",
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    steps: int = 10,
+    random_start: bool = True,
+    restarts: int = 1,
+    bn_mode: str | None = "eval",
+    generator: torch.Generator | None = None,
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Projected gradient ascent on `objective` inside the `norm` ball of radius `eps`.
+
+    Returns x_adv, detached, with ‖x_adv − x‖ ≤ eps and x_adv in [0, 1]. With several restarts each
+    example keeps the restart that reached the highest objective. `init` fixes the first restart's
+    starting δ (evaluation uses it to give every example the same start however it is batched).
+    `bn_mode` is explicit because training attacks in train mode (as the seed code) and
+    evaluation in eval mode.
+    """
+    x = x.detach()
+    if eps == 0 or steps == 0:
+        return x.clone()
+    best_x, best_loss = None, None
+    with batchnorm_mode(model, bn_mode):
+        for restart in range(restarts):
+            if restart == 0 and init is not None:
+                delta = init.to(x)
+            elif random_start:
+                delta = random_delta(x.shape, norm, eps, x.device, generator)
+            else:
+                delta = torch.zeros_like(x)
+            delta = project(delta, x, norm, eps)
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                loss = objective(model, x + delta, y)
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+                delta = project(delta.detach() + step_size * _ascent_step(grad, norm), x, norm, eps)
+            x_adv = (x + delta).clamp(0.0, 1.0).detach()
+            if restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                loss = objective(model, x_adv, y).detach()
+            if best_x is None:
+                best_x, best_loss = x_adv, loss
+            else:
+                better = loss > best_loss
+                best_x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best_x)
+                best_loss = torch.maximum(loss, best_loss)
+    return best_x
+
+
+def fgsm(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective = cross_entropy_objective,
+    norm: str = "linf",
+    eps: float = 8 / 255,
+    step_size: float | None = None,
+    random_start: bool = True,
+    bn_mode: str | None = "eval",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """FGSM with a random start (Wong, Rice and Kolter 2020): one step of 1.25·ε by default."""
+    return pgd(
+        model, x, y, objective, norm, eps,
+        step_size=1.25 * eps if step_size is None else step_size,
+        steps=1, random_start=random_start, restarts=1, bn_mode=bn_mode, generator=generator,
+    )

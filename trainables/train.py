@@ -1,0 +1,230 @@
+"""Self-supervised adversarial training of one configuration, resumable at epoch boundaries.
+
+`Trainer(config)` builds everything from a plain config dict (see `trainables.config`);
+`train_epoch()` runs one epoch and returns its metrics; `state_dict()` / `load_state_dict()` hold
+everything needed to continue (model, optimiser, scheduler, RNG, epoch), so an interrupted trial
+that restores its last checkpoint ends with the same metrics as one that was never interrupted.
+All training randomness (order, augmentation, SSL labels, attack starts) comes from one generator
+whose state is part of the checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterator
+
+import torch
+
+from .attacks import fgsm, pgd
+from .config import resolve
+from .data import iterate_batches, load_split
+from .device import autocast, prepare_input, prepare_model, select_device
+from .evaluate import evaluate_model, predictions
+from .models import backbone_state, build_model, load_backbone
+from .objectives import SSLBatch, attack_objective, stack_inputs, update_loss
+from .ssl import attach_head, build_task
+
+# Keys that decide the SSL pre-training a fine-tuning run starts from (its cache key).
+PRETRAIN_KEYS = (
+    "dataset", "train_subset", "arch", "depth", "width", "batch_size", "optimizer", "momentum",
+    "nesterov", "weight_decay", "augment", "rotations", "pretrain_epochs", "pretrain_lr", "seed",
+)
+# Training examples are the same for every trial (a fixed selection seed), so cells differ only by
+# their factors and training seed; the test subset is fixed the same way.
+DATA_SELECTION_SEED = 0
+
+
+def pretrain_settings(config: dict) -> dict:
+    full = resolve(config)
+    return {key: full[key] for key in PRETRAIN_KEYS}
+
+
+def _optimizer(params, cfg: dict, lr: float) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(
+        params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+        nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
+    )
+
+
+def _schedule(optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedules: cosine to zero, constant, or piecewise (÷10 at 50% and 75%)."""
+    total = max(total_steps, 1)
+    if kind == "cosine":
+        factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    elif kind == "piecewise":
+        factor = lambda step: 1.0 if step < 0.5 * total else 0.1 if step < 0.75 * total else 0.01  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        data_dir: str | None = None,
+        device: str = "auto",
+        pretrained: dict | None = None,
+    ):
+        self.config = cfg = resolve(config)
+        self.device = select_device(device)
+        self.data_dir = data_dir
+        self.train_data = load_split(
+            cfg["dataset"], True, data_dir, cfg["train_subset"], DATA_SELECTION_SEED, self.device
+        )
+        torch.manual_seed(cfg["seed"])  # model initialisation
+        model = build_model(cfg["arch"], self.train_data.info, depth=cfg["depth"], width=cfg["width"])
+        self.task = build_task(cfg["ssl_task"], cfg["rotations"])
+        attach_head(model, self.task)
+        if cfg["init"] == "ssl_pretrained":
+            if pretrained is None:
+                raise ValueError("init 'ssl_pretrained' needs the pre-trained state from pretrain_rotation()")
+            load_pretrained(model, pretrained)
+        self.model = prepare_model(model, self.device)
+        self.steps_per_epoch = max(len(self.train_data) // cfg["batch_size"], 1)
+        self.optimizer = _optimizer(self.model.parameters(), cfg, cfg["lr"])
+        self.scheduler = _schedule(self.optimizer, cfg["schedule"], cfg["epochs"] * self.steps_per_epoch)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config["epochs"]
+
+    def _ssl_batch(self, n: int) -> SSLBatch | None:
+        cfg = self.config
+        if self.task is None or (cfg["ssl_weight"] == 0 and cfg["attack_variant"] != "ssl"):
+            return None
+        labels = self.task.sample(n, self.generator, self.device)
+        return SSLBatch(self.task, cfg["ssl_weight"], labels, cfg["ssl_perturbation"] == "independent")
+
+    def _adversarial(self, x_in, y, ssl):
+        cfg = self.config
+        eps = cfg["eps_train"]
+        if eps == 0:
+            return x_in
+        objective = attack_objective(cfg["attack_variant"], ssl)
+        if cfg["train_attack"] == "fgsm":
+            return fgsm(self.model, x_in, y, objective, cfg["norm_train"], eps,
+                        random_start=cfg["train_random_start"], bn_mode=cfg["train_bn_mode"],
+                        generator=self.generator)
+        steps = cfg["train_attack_steps"]
+        return pgd(self.model, x_in, y, objective, cfg["norm_train"], eps,
+                   step_size=cfg["train_step_size_factor"] * eps / steps, steps=steps,
+                   random_start=cfg["train_random_start"], bn_mode=cfg["train_bn_mode"],
+                   generator=self.generator)
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.config
+        start = time.perf_counter()
+        self.model.train()
+        totals = torch.zeros(4, device=self.device)  # loss, ce, ssl, correct
+        seen = 0
+        for x, y in iterate_batches(self.train_data, cfg["batch_size"], self.generator,
+                                    shuffle=True, augment=cfg["augment"], drop_last=True):
+            x = prepare_input(x)
+            ssl = self._ssl_batch(len(y))
+            x_in = stack_inputs(x, ssl) if ssl is not None and ssl.stacked else x
+            with autocast(self.device):
+                x_adv = self._adversarial(x_in, y, ssl)
+                self.model.train()
+                loss, losses = update_loss(self.model, x_adv, y, ssl)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                ssl_sum = losses.ssl.sum() if losses.ssl is not None else totals.new_zeros(())
+                totals += torch.stack([
+                    loss.detach() * len(y), losses.ce.sum(), ssl_sum,
+                    (losses.logits.argmax(1) == y).sum().float(),
+                ])
+            seen += len(y)
+        self.epoch += 1
+        loss_sum, ce_sum, ssl_sum, correct = (totals / max(seen, 1)).tolist()
+        seconds = time.perf_counter() - start
+        metrics = {
+            "epoch": self.epoch, "train_loss": loss_sum, "train_ce": ce_sum, "train_ssl": ssl_sum,
+            "train_adv_acc": correct, "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": seconds, "images_per_second": seen / seconds if seconds > 0 else 0.0,
+        }
+        self.history.append(metrics)
+        return metrics
+
+    def epochs(self) -> Iterator[dict[str, float]]:
+        while not self.done:
+            yield self.train_epoch()
+
+    def test_data(self):
+        return load_split(self.config["dataset"], False, self.data_dir, self.config["test_subset"],
+                          DATA_SELECTION_SEED, self.device)
+
+    def clean_accuracy(self, data=None) -> float:
+        data = data or self.test_data()
+        x, y = data.images.float() / 255, data.labels
+        return (predictions(self.model, x, self.config["eval_batch_size"]) == y).float().mean().item()
+
+    def evaluate(self) -> list[dict]:
+        data = self.test_data()
+        return evaluate_model(self.model, data.images.float() / 255, data.labels, self.config)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu())
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+
+
+def load_pretrained(model, pretrained: dict) -> None:
+    load_backbone(model, pretrained["backbone"])
+    if "ssl_head" in pretrained and "rotation" in model.ssl_heads:
+        model.ssl_heads["rotation"].load_state_dict(pretrained["ssl_head"])
+
+
+def pretrain_rotation(config: dict, data_dir: str | None = None, device: str = "auto",
+                      progress=None) -> dict:
+    """Rotation-only pre-training (no labels, no attack) of the backbone a fine-tuning run loads.
+
+    Returns {"backbone", "ssl_head", "settings"}: plain tensors and values, safe for
+    `torch.load(weights_only=True)`.
+    """
+    settings = pretrain_settings(config)
+    cfg = resolve({**settings, "ssl_task": "rotation", "ssl_weight": 1.0, "attack_variant": "ssl",
+                   "eps_train": 0.0, "epochs": settings["pretrain_epochs"], "lr": settings["pretrain_lr"],
+                   "init": "scratch"})
+    trainer = Trainer(cfg, data_dir=data_dir, device=device)
+    model, task, generator = trainer.model, trainer.task, trainer.generator
+    for epoch in range(cfg["epochs"]):
+        model.train()
+        for x, _ in iterate_batches(trainer.train_data, cfg["batch_size"], generator,
+                                    shuffle=True, augment=cfg["augment"], drop_last=True):
+            x = prepare_input(x)
+            labels = task.sample(len(x), generator, trainer.device)
+            with autocast(trainer.device):
+                loss = task.loss(model, x, labels).mean()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+        if progress is not None:
+            progress(epoch + 1, float(loss))
+    return {
+        "backbone": {k: v.detach().cpu() for k, v in backbone_state(model).items()},
+        "ssl_head": {k: v.detach().cpu() for k, v in model.ssl_heads["rotation"].state_dict().items()},
+        "settings": settings,
+    }
