@@ -16,7 +16,8 @@ import pyarrow.fs as pafs
 
 from . import results, storage as storage_mod, tracking
 from .errors import UserError
-from .spec import StudySpec, Trial, config_hash
+from .search import search_setup
+from .spec import StudySpec, Trial
 
 TUNE_STATE_FILE = "sslrobust_invocation.json"
 
@@ -42,6 +43,7 @@ class StudyOutcome:
     tracking_errors: list[str] = field(default_factory=list)
     report_path: str | None = None
     parent_run_id: str | None = None
+    pretrainings: int = 0  # SSL pre-trainings trained by this invocation's trials
 
 
 # ----------------------------------------------------------------------------- planning
@@ -158,42 +160,9 @@ def _read_invocation(experiment_path: str) -> dict:
         return {}
 
 
-def _search_setup(spec: StudySpec, context, storage: str, max_concurrent: int | None):
-    """Optuna over the search space, warm-started with the results this study already has."""
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    from .trainable import summary_metrics, trial_config
-
-    space = {
-        key: (tune.loguniform if rng.get("log") else tune.uniform)(float(rng["low"]), float(rng["high"]))
-        for key, rng in spec.search.space.items()
-    }
-    points, rewards = [], []
-    table = results.load(spec.name, storage)
-    for chash, rows in table.groupby("config_hash") if len(table) else []:
-        config = json.loads(rows["config_json"].iloc[0])
-        point = {k: config[k] for k in spec.search.space}
-        if config_hash(trial_config(point, context)) != chash:
-            continue  # a result of different fixed settings: not a sample of this search
-        records = rows.to_dict("records")
-        for r in records:
-            r["corruption"] = None if r["corruption"] is None or r["corruption"] != r["corruption"] else r["corruption"]
-        summary = summary_metrics(config, records)
-        points.append(point)
-        rewards.append([summary[o] for o in spec.search.objectives])
-    searcher = OptunaSearch(
-        metric=list(spec.search.objectives), mode=["max"] * len(spec.search.objectives),
-        points_to_evaluate=points or None, evaluated_rewards=rewards or None,
-        seed=spec.seeds[0],
-    )
-    limiter = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or spec.search.max_concurrent)
-    remaining = max(spec.search.num_samples - len(points), 0)
-    return space, limiter, remaining, len(points)
-
-
 def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutcome:
+    # Per-epoch checkpoints of short trials are expected here, not a bottleneck worth a warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
     from .summary import finish_study
@@ -217,6 +186,11 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
 
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(tracking_uri)
+    if spec.search is None and not pending and not options.resume:
+        print(f"every one of the {len(trials)} trials of {spec.name} has results; nothing to run "
+              f"(add values to a factor or seeds to run more)", file=out)
+        outcome.report_path = finish_study(spec, storage, tracking_uri, None, trials, outcome, out)
+        return outcome
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
 
@@ -272,7 +246,10 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
             tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
             print(f"resuming {restore_path}", file=out)
         elif spec.search is not None:
-            space, searcher, remaining, warm = _search_setup(spec, context, storage, options.max_concurrent)
+            # The objectives exist only once a trial is evaluated, in its last report; Optuna's
+            # multi-objective mode reads only that one, so per-epoch reports need not carry them.
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+            space, searcher, remaining, warm = search_setup(spec, context, storage, options.max_concurrent)
             print(f"Optuna search: {warm} earlier results as warm start, {remaining} new trials", file=out)
             outcome.skipped = warm
             if remaining == 0:
@@ -288,7 +265,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
             describe_plan(spec, trials, pending, out)
             tuner = tune.Tuner(
                 trainable,
-                param_space={"cell": tune.grid_search([t.config for t in pending])},
+                param_space={"cell": tune.grid_search([t.factors for t in pending])},
                 run_config=run_config,
                 tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=options.max_concurrent,
                                             trial_dirname_creator=lambda t: t.trial_id,
@@ -308,7 +285,11 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                     outcome.failed.append(f"{result.path}: {type(result.error).__name__}: "
                                           f"{str(result.error).strip().splitlines()[-1] if str(result.error) else ''}")
                     continue
+                if (result.metrics or {}).get("reused_result"):
+                    outcome.skipped += 1
+                    continue
                 outcome.ran += 1
+                outcome.pretrainings += int((result.metrics or {}).get("pretrained_here", 0))
                 error = (result.metrics or {}).get("tracking_error")
                 if error:
                     outcome.tracking_errors.append(f"{result.metrics.get('config_hash')}: {error}")

@@ -50,10 +50,14 @@ def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, ou
         files = build_report(spec.name, storage, spec_text=spec.text,
                              expected_hashes={t.config_hash: t.config for t in trials} or None)
         report_path = str(files.html)
-        tracking.log_artifacts(tracking_uri, parent_run_id, [files.html, *files.figures, *files.tables],
-                               artifact_path="report")
     except UserError as err:
         print(f"report not written: {err}", file=out)
+    if report_path and parent_run_id:
+        try:
+            tracking.log_artifacts(tracking_uri, parent_run_id, [files.html, *files.figures, *files.tables],
+                                   artifact_path="report")
+        except UserError as err:
+            print(f"the report is on disk but could not be logged to MLflow: {err}", file=out)
     print("", file=out)
     print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
     print(robustness_table(spec, table), file=out)

@@ -53,7 +53,8 @@ class StudyContext:
 
 
 def trial_config(params: dict, context: StudyContext) -> dict:
-    """Grid trials carry their whole config in `params["cell"]`; search trials only sampled keys."""
+    """The study's fixed settings plus the trial's own values: its grid cell (factors and seed) in
+    `params["cell"]`, or the keys a search sampled."""
     sampled = {k: v for k, v in params.items() if k != "cell"}
     return resolve({**context.fixed, **params.get("cell", {}), **sampled})
 
@@ -108,9 +109,17 @@ def run_trial(params: dict, context: StudyContext) -> None:
     trial_id = tune.get_context().get_trial_id() or chash
     node_id = ray.get_runtime_context().get_node_id()
 
-    pretrained = None
+    existing = results.trial_table(context.storage, context.study, chash)
+    if len(existing):
+        # Another trial (a search's repeated sample, a retry after the write) already has this result.
+        records = existing.astype(object).where(existing.notna(), None).to_dict("records")
+        log(f"trial {chash} already has results in {context.storage}; not training it again")
+        tune.report({**summary_metrics(config, records), "config_hash": chash, "pretrained_here": 0,
+                     "tracking_error": "", "reused_result": 1})
+        return
+    pretrained, pretrained_here = None, False
     if config["init"] == "ssl_pretrained":
-        pretrained, _ = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
+        pretrained, pretrained_here = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
                                           data_dir=context.data_dir, log=log)
     trainer = Trainer(config, data_dir=context.data_dir, pretrained=pretrained)
     state = _load_checkpoint(log)
@@ -157,6 +166,7 @@ def run_trial(params: dict, context: StudyContext) -> None:
     tune.report({
         **summary, "epoch": trainer.epoch, "config_hash": chash, "parquet": parquet_path,
         "mlflow_run_id": run_id or "", "tracking_error": tracking_error or "",
+        "pretrained_here": int(pretrained_here),
     })
     # Reused actors run the next trial in this process: leave nothing of this one behind.
     del trainer, pretrained

@@ -61,7 +61,10 @@ def small_cnn(channels: int) -> tuple[nn.Module, int]:
         # the dense layer while serving both.
         nn.AdaptiveAvgPool2d(4),
         nn.Flatten(),
-        nn.Linear(128 * 4 * 4, 256),
+        # BatchNorm here roughly halves the steps needed to pass 80% on Fashion-MNIST. (It needs
+        # more than one example per batch in train mode, like any batch statistic.)
+        nn.Linear(128 * 4 * 4, 256, bias=False),
+        nn.BatchNorm1d(256),
         nn.ReLU(inplace=True),
     )
     return backbone, 256

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up everything this project needs on a fresh Debian/Ubuntu machine, idempotently:
+# a virtual environment in .venv with the project (editable) and its test tools, and the embedded
+# default dataset (Fashion-MNIST from Debian's dataset-fashion-mnist package).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+if [ ! -f "$FMNIST" ] && [ -z "${SSLROBUST_DATA_DIR:-}" ]; then
+  echo "setup: installing Debian's dataset-fashion-mnist (the embedded default dataset)"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+# torch and torchvision are pinned in pyproject.toml to the builds pip finds on these machines.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
+# torchattacks (test-only reference for PGD) pins requests~=2.25.1, which clashes with MLflow: no deps.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "torchattacks==3.5.1" 2> >(grep -v "^WARNING: Location" >&2)
+echo "setup: done (.venv/bin/python)"
