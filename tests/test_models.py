@@ -92,15 +92,26 @@ def test_backbone_state_round_trip():
     with pytest.raises(ConfigError, match="does not fit"):
         models.load_backbone(models.build_model("small_cnn", info), state)
     with pytest.raises(ConfigError, match="shapes differ"):
-        models.load_backbone(models.build_model("wrn", info, depth=10, width=2), state)
+        rgb = data.dataset_info("cifar10")
+        models.load_backbone(models.build_model("wrn", rgb, depth=10, width=1), state)
 
 
-def test_small_cnn_learns_fashion_mnist():
+@pytest.fixture
+def one_thread():
+    # On a shared 2-core machine, two intra-op threads that keep getting descheduled spin-wait
+    # on each other and run this test ~10x slower than one thread does.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_small_cnn_learns_fashion_mnist(one_thread):
     if not (data.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     info = data.dataset_info("fashion_mnist")
     train = data.load_split("fashion_mnist", True, subset=3000, seed=0, download=False)
-    test = data.load_split("fashion_mnist", False, download=False)
+    test = data.load_split("fashion_mnist", False, subset=2000, seed=1, download=False)
     torch.manual_seed(0)
     model = models.build_model("small_cnn", info)
     batch_size = 32
@@ -117,6 +128,6 @@ def test_small_cnn_learns_fashion_mnist():
     model.eval()
     correct = 0
     with torch.no_grad():
-        for x, y in data.iterate_batches(test, 1000, None, shuffle=False, drop_last=False):
+        for x, y in data.iterate_batches(test, 500, None, shuffle=False, drop_last=False):
             correct += (model(x).argmax(1) == y).sum().item()
     assert correct / len(test) >= 0.75

@@ -56,6 +56,21 @@ def _ascent_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / (_per_example_norm(grad) + _TINY)
 
 
+def _step_and_project_(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, norm: str,
+                       eps: float, step_size: float) -> torch.Tensor:
+    """`project(delta + step_size·ascent(grad), x, norm, eps)` computed in place in `delta` (and
+    `grad`, which is consumed): the same values without allocating five image-sized tensors per
+    step, which is a measurable share of an attack step on CPU."""
+    if norm == "linf":
+        delta.add_(grad.sign_(), alpha=step_size).clamp_(-eps, eps)
+    elif norm == "l2":
+        delta.add_(grad.div_(_per_example_norm(grad).add_(_TINY)), alpha=step_size)
+        delta.mul_(torch.clamp(eps / (_per_example_norm(delta) + _TINY), max=1.0))
+    else:
+        raise ValueError(f"unknown norm {norm!r}")
+    return delta.add_(x).clamp_(0.0, 1.0).sub_(x)
+
+
 @contextmanager
 def batchnorm_mode(model: torch.nn.Module, mode: str | None) -> Iterator[None]:
     """Run with the model in `mode` ("train" or "eval"; None keeps it) and restore it afterwards."""
@@ -106,9 +121,11 @@ def pgd(
             delta = project(delta, x, norm, eps)
             for _ in range(steps):
                 delta.requires_grad_(True)
-                loss = objective(model, x + delta, y)
-                (grad,) = torch.autograd.grad(loss.sum(), delta)
-                delta = project(delta.detach() + step_size * _ascent_step(grad, norm), x, norm, eps)
+                # enable_grad: an attack must work when called under torch.no_grad() too.
+                with torch.enable_grad():
+                    loss = objective(model, x + delta, y)
+                    (grad,) = torch.autograd.grad(loss.sum(), delta)
+                delta = _step_and_project_(delta.detach_(), grad, x, norm, eps, step_size)
             x_adv = (x + delta).clamp(0.0, 1.0).detach()
             if restarts == 1:
                 return x_adv

@@ -83,6 +83,9 @@ class Trainer:
                 raise ValueError("init 'ssl_pretrained' needs the pre-trained state from pretrain_rotation()")
             load_pretrained(model, pretrained)
         self.model = prepare_model(model, self.device)
+        # Full batches only (a last batch of one image breaks batch norm), unless the whole subset
+        # is smaller than one batch.
+        self.drop_last = len(self.train_data) >= cfg["batch_size"]
         self.steps_per_epoch = max(len(self.train_data) // cfg["batch_size"], 1)
         self.optimizer = _optimizer(self.model.parameters(), cfg, cfg["lr"])
         self.scheduler = _schedule(self.optimizer, cfg["schedule"], cfg["epochs"] * self.steps_per_epoch)
@@ -124,7 +127,7 @@ class Trainer:
         totals = torch.zeros(4, device=self.device)  # loss, ce, ssl, correct
         seen = 0
         for x, y in iterate_batches(self.train_data, cfg["batch_size"], self.generator,
-                                    shuffle=True, augment=cfg["augment"], drop_last=True):
+                                    shuffle=True, augment=cfg["augment"], drop_last=self.drop_last):
             x = prepare_input(x)
             ssl = self._ssl_batch(len(y))
             x_in = stack_inputs(x, ssl) if ssl is not None and ssl.stacked else x
@@ -212,7 +215,7 @@ def pretrain_rotation(config: dict, data_dir: str | None = None, device: str = "
     for epoch in range(cfg["epochs"]):
         model.train()
         for x, _ in iterate_batches(trainer.train_data, cfg["batch_size"], generator,
-                                    shuffle=True, augment=cfg["augment"], drop_last=True):
+                                    shuffle=True, augment=cfg["augment"], drop_last=trainer.drop_last):
             x = prepare_input(x)
             labels = task.sample(len(x), generator, trainer.device)
             with autocast(trainer.device):
