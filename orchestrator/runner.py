@@ -44,6 +44,7 @@ class StudyOutcome:
     report_path: str | None = None
     parent_run_id: str | None = None
     pretrainings: int = 0  # SSL pre-trainings trained by this invocation's trials
+    trial_metrics: list[dict] = field(default_factory=list)  # each finished trial's last report
 
 
 # ----------------------------------------------------------------------------- planning
@@ -289,6 +290,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                     outcome.skipped += 1
                     continue
                 outcome.ran += 1
+                outcome.trial_metrics.append(dict(result.metrics or {}))
                 outcome.pretrainings += int((result.metrics or {}).get("pretrained_here", 0))
                 error = (result.metrics or {}).get("tracking_error")
                 if error:

@@ -188,3 +188,21 @@ def test_study_file_validation_messages(tmp_path, monkeypatch):
         load_study("tpyo")
     with pytest.raises(UserError, match="--set: unknown setting 'ssl_wieght'.*ssl_weight"):
         load_study("neg", overrides=["ssl_wieght=1"])
+
+
+def test_reused_worker_leaks_no_state_between_trials(ray_cluster, workspace):
+    """Trials share worker processes (reuse_actors); a trial's result must not depend on that."""
+    studies, options = workspace
+    write_study(studies, "iso", {"ssl_weight": [0.5]}, seeds=[0, 1])
+    write_study(studies, "iso_alone", {"ssl_weight": [0.5]}, seeds=[1])
+    _, shared, _ = run("iso", options, max_concurrent=1)
+    assert shared.ran == 2
+    pids = {m["pid"] for m in shared.trial_metrics}
+    assert len(pids) == 1  # both trials ran in one reused worker, one after the other
+    _, alone, _ = run("iso_alone", options)
+    assert alone.ran == 1
+    columns = ["config_hash", "eps_test", "clean_acc", "robust_acc"]
+    after_other = results.load("iso", options.storage)
+    after_other = after_other[after_other.seed == 1][columns].sort_values("eps_test").reset_index(drop=True)
+    fresh = results.load("iso_alone", options.storage)[columns].sort_values("eps_test").reset_index(drop=True)
+    assert after_other.equals(fresh)

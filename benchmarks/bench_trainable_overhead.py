@@ -1,0 +1,84 @@
+"""Trainable overhead: one trial through `orchestrator.study` against the bare training loop.
+
+Both train and evaluate the same configuration on one thread. The trial adds what orchestration
+costs: Ray Tune reporting, a checkpoint each epoch, an MLflow child run (sqlite), per-epoch metrics,
+the Parquet file, the curve plot and the artifacts. Reference, in the same run: `Trainer` + its
+`evaluate()` called directly.
+
+    python benchmarks/bench_trainable_overhead.py [--train-subset 3000] [--epochs 3]
+
+Target: bare time / trial time >= 0.95 (the trial keeps at least 95% of the bare throughput).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def config(args) -> dict:
+    return dict(dataset="fashion_mnist", arch="small_cnn", train_subset=args.train_subset, test_subset=500,
+                epochs=args.epochs, batch_size=128, ssl_task="rotation", ssl_weight=0.5, rotations="one",
+                attack_variant="joint", eps_train=0.1, train_attack_steps=3, train_step_size_factor=1.5,
+                eval_attack_steps=10, eval_eps_linf=[0.0, 0.05, 0.1, 0.15], seed=0)
+
+
+def bare(cfg: dict) -> float:
+    import torch
+
+    from trainables.train import Trainer
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    for _ in trainer.epochs():
+        pass
+    trainer.evaluate()
+    return time.perf_counter() - start
+
+
+def trial(cfg: dict, workdir: Path) -> float:
+    from orchestrator.runner import RunOptions, run_study
+    from orchestrator.spec import load_study
+
+    studies = workdir / "studies"
+    studies.mkdir()
+    fixed = {k: v for k, v in cfg.items() if k != "seed"}
+    (studies / "one.yaml").write_text(json.dumps({
+        "description": "one trial for the overhead benchmark", "seeds": [cfg["seed"]], "fixed": fixed,
+        "resources": {"cpu": 1, "gpu": 0},
+    }))
+    os.environ["SSLROBUST_STUDIES_DIR"] = str(studies)
+    outcome = run_study(load_study("one"), RunOptions(storage=str(workdir / "runs"),
+                                                      tracking_uri=f"sqlite:///{workdir}/mlflow.db", verbose=0),
+                        out=io.StringIO())
+    assert outcome.ran == 1 and not outcome.failed, outcome
+    return float(outcome.trial_metrics[0]["time_total_s"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train-subset", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    cfg = config(args)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as folder:
+        trial_seconds = trial(cfg, Path(folder))
+    ray.shutdown()
+    bare_seconds = bare(cfg)
+    print(f"bare Trainer + evaluate: {bare_seconds:.1f} s")
+    print(f"one orchestrated trial:  {trial_seconds:.1f} s (Tune's time_total_s: the trial function until its last report)")
+    print(f"throughput ratio bare / trial: {bare_seconds / trial_seconds:.3f} (target >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
