@@ -11,6 +11,10 @@ study (read from config_json), so a sweep over e.g. `epochs` is never averaged a
 
 A trial with ssl_task "none" has no SSL loss whatever its ssl_weight says, so the report counts it
 as λ = 0.
+
+Studies with out-of-distribution rows (ood_set/score/measure/value) also get an OOD table and an
+AUROC figure; studies that sweep label_noise get a table and a figure of clean test accuracy
+against the fraction of corrupted training labels. Neither appears for other studies.
 """
 from __future__ import annotations
 
@@ -51,8 +55,11 @@ ADV_EVAL_COLUMNS = ("norm", "eps_test")
 CORRUPTION_EVAL_COLUMNS = ("corruption", "severity")
 # Config keys that decide which rows a trial has (or how fast it runs), not the value of a row.
 NOT_FACTORS = frozenset(
-    {"seed", "eval_batch_size", "eval_norms", "eval_eps_linf", "eval_eps_l2", "corruptions", "corruption_severities"}
+    {"seed", "eval_batch_size", "eval_norms", "eval_eps_linf", "eval_eps_l2", "corruptions", "corruption_severities",
+     "ood_sets", "ood_scores"}
 )
+OOD_EVAL_COLUMNS = ("ood_set", "score", "measure")
+OOD_MEASURES = ("auroc", "aupr", "fpr95")
 # Factors that never define panels (curves are per λ).
 CURVE_FACTORS = ("ssl_task", "ssl_weight")
 # Adversarial figures: a column per attack variant, a row per init × norm × ε_train (× any other
@@ -147,6 +154,8 @@ class StudyData:
     train_keys: list[str]
     extras: list[str]
     notes: list[str]
+    # seed level: train_keys + ood_set + score + measure + seed -> value (empty without OOD rows)
+    ood: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _json_value(v: Any) -> str:
@@ -160,6 +169,15 @@ def _config_keys() -> set[str] | None:
     except Exception:
         return None
     return set(trial_config.SCHEMA) - set(trial_config.NON_SEMANTIC_KEYS)
+
+
+def _late_defaults() -> dict[str, Any]:
+    """Defaults of the config keys added after results existed (trainables.config)."""
+    try:
+        from trainables import config as trial_config
+    except Exception:
+        return {}
+    return {k: trial_config.SCHEMA[k][0] for k in getattr(trial_config, "HASH_NEUTRAL_DEFAULTS", ())}
 
 
 def _extra_factors(df: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
@@ -177,10 +195,12 @@ def _extra_factors(df: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     if known is not None:  # only real config settings (not e.g. bookkeeping keys unique per trial)
         keys &= known
     keys = sorted(keys)
+    late = _late_defaults()
     extras = []
     table = pd.DataFrame({"config_hash": list(configs)})
     for k in keys:
-        values = [_json_value(c.get(k)) for c in configs.values()]
+        # a setting added after a trial ran is absent from its config: it had the default
+        values = [_json_value(c.get(k, late.get(k))) for c in configs.values()]
         if len(set(values)) > 1:
             extras.append(k)
             table[k] = values
@@ -199,6 +219,8 @@ def prepare(df: pd.DataFrame) -> StudyData:
         d[c] = d[c].astype(float).round(10)
     extras, extra_table = _extra_factors(d)
     if extras:
+        # a result column that is swept (e.g. label_noise) is taken from config_json like the others
+        d = d.drop(columns=[c for c in extras if c in d.columns])
         d = d.merge(extra_table, on="config_hash", how="left")
         notes.append(
             "Config keys swept besides the standard factors (treated as factors, not averaged): "
@@ -211,7 +233,8 @@ def prepare(df: pd.DataFrame) -> StudyData:
             d[c] = d[c].astype(object)
     d["seed"] = d["seed"].astype(int)
     is_cor = d["corruption"].notna()
-    adv_raw = d[~is_cor].copy()
+    is_ood = d["ood_set"].notna() if "ood_set" in d.columns else pd.Series(False, index=d.index)
+    adv_raw = d[~is_cor & ~is_ood].copy()
     cor_raw = d[is_cor].copy()
     adv_raw["norm"] = adv_raw["norm"].astype(object)
     cor_raw["corruption"] = cor_raw["corruption"].astype(object)
@@ -229,7 +252,15 @@ def prepare(df: pd.DataFrame) -> StudyData:
     adv = seed_level(adv_raw, train_keys + list(ADV_EVAL_COLUMNS))
     cor = seed_level(cor_raw, train_keys + list(CORRUPTION_EVAL_COLUMNS))
     clean = d.groupby(train_keys + ["seed"], dropna=False, sort=True)["clean_acc"].mean().reset_index()
-    return StudyData(df, adv, cor, clean, train_keys, extras, notes)
+    ood_keys = train_keys + list(OOD_EVAL_COLUMNS)
+    ood_raw = d[is_ood].copy()
+    if ood_raw.empty:
+        ood = pd.DataFrame(columns=ood_keys + ["seed", "value"])
+    else:
+        for c in OOD_EVAL_COLUMNS:
+            ood_raw[c] = ood_raw[c].astype(object)
+        ood = ood_raw.groupby(ood_keys + ["seed"], dropna=False, sort=True)["value"].mean().reset_index()
+    return StudyData(df, adv, cor, clean, train_keys, extras, notes, ood)
 
 
 def aggregate(seed_df: pd.DataFrame, keys: list[str], value: str = "robust_acc") -> pd.DataFrame:
@@ -774,6 +805,185 @@ def pretrain_vs_scratch_table(data: StudyData) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+# ============================================================================================
+# Out-of-distribution detection and label corruption (only for studies that have them)
+# ============================================================================================
+_OOD_SET_ORDER = ("gaussian", "rademacher", "blobs", "mnist")
+_SCORE_ORDER = ("msp", "rotation")
+
+
+def _ordered(values: Iterable[Any], preferred: tuple[str, ...]) -> list[Any]:
+    values = set(values)
+    return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
+
+
+def _pm(mean: float, ci: float, digits: int = 3) -> str:
+    """'mean ± ci' (just the mean when the interval is undefined, e.g. one seed)."""
+    if mean is None or not np.isfinite(mean):
+        return "—"
+    if ci is None or not np.isfinite(ci):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def ood_table(agg_ood: pd.DataFrame, train_keys: list[str]) -> pd.DataFrame:
+    """Per configuration (λ, ...) × OOD set × score: mean and 95% t-interval over seeds of AUROC,
+    AUPR (in-distribution positive) and FPR at 95% TPR."""
+    cols = (list(train_keys) + ["ood_set", "score"]
+            + [f"{m}_{x}" for m in OOD_MEASURES for x in ("mean", "ci95")] + ["n_seeds"])
+    if agg_ood.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for key, g in agg_ood.groupby(list(train_keys) + ["ood_set", "score"], dropna=False, sort=True):
+        row = list(key)
+        for m in OOD_MEASURES:
+            r = g[g["measure"] == m]
+            row += [float(r["mean"].iloc[0]), float(r["ci95"].iloc[0])] if len(r) else [math.nan, math.nan]
+        row.append(int(g["n_seeds"].max()))
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=cols)
+    set_rank = {v: i for i, v in enumerate(_ordered(table["ood_set"], _OOD_SET_ORDER))}
+    score_rank = {v: i for i, v in enumerate(_ordered(table["score"], _SCORE_ORDER))}
+    order = sorted(range(len(table)), key=lambda i: (
+        _sort_key(tuple(table.iloc[i][k] for k in train_keys if k not in CURVE_FACTORS)),
+        set_rank[table["ood_set"].iloc[i]], score_rank[table["score"].iloc[i]],
+        float(table["ssl_weight"].iloc[i]), str(table["ssl_task"].iloc[i])))
+    return table.iloc[order].reset_index(drop=True)
+
+
+def ood_display(table: pd.DataFrame, train_keys: list[str]) -> pd.DataFrame:
+    """The OOD table with 'mean ± CI' cells (for Markdown and HTML; the CSV keeps the numbers)."""
+    shown = table[list(train_keys) + ["ood_set", "score"]].copy()
+    for m, title in (("auroc", "AUROC"), ("aupr", "AUPR-In"), ("fpr95", "FPR95")):
+        shown[title] = [_pm(a, b) for a, b in zip(table[f"{m}_mean"], table[f"{m}_ci95"])]
+    shown["n_seeds"] = table["n_seeds"].to_numpy()
+    return shown
+
+
+def plot_ood_auroc(agg_ood: pd.DataFrame, train_keys: list[str]) -> Figure | None:
+    """AUROC per OOD set (groups of bars), a bar per λ, one panel per score (columns) × any other
+    swept factor (rows); error bars: 95% t-interval over seeds; dotted line: chance (0.5)."""
+    sel_all = agg_ood[agg_ood["measure"] == "auroc"] if not agg_ood.empty else agg_ood
+    if sel_all.empty:
+        return None
+    scores = _ordered(sel_all["score"], _SCORE_ORDER)
+    sets = _ordered(sel_all["ood_set"], _OOD_SET_ORDER)
+    row_f = [k for k in _varying(sel_all, train_keys) if k not in CURVE_FACTORS]
+    rows = sorted({tuple(r) for r in sel_all[row_f].itertuples(index=False)}, key=_sort_key) if row_f else [()]
+    bars = sorted({(t, float(w)) for t, w in zip(sel_all["ssl_task"], sel_all["ssl_weight"])},
+                  key=lambda b: (b[1], b[0] != "none"))
+    colors = _Colors(sel_all["ssl_weight"])
+    fig, axes = _new_figure(len(rows), len(scores), w=max(4.3, 1.2 * len(sets) + 1.5), sharey=True)
+    width = 0.8 / max(len(bars), 1)
+    x = np.arange(len(sets))
+    for i, rv in enumerate(rows):
+        for j, score in enumerate(scores):
+            ax = axes[i, j]
+            where = dict(zip(row_f, rv))
+            sel = _select(sel_all[sel_all["score"] == score], where)
+            ax.set_title(f"score: {score}" + (f"\n{_describe(where)}" if where else ""), fontsize=8)
+            if sel.empty:
+                _empty_panel(ax, "no data")
+                continue
+            for b, (task, lam) in enumerate(bars):
+                c = sel[(sel["ssl_task"] == task) & (sel["ssl_weight"] == lam)]
+                if c.empty:
+                    continue
+                by_set = {s: (m, ci) for s, m, ci in zip(c["ood_set"], c["mean"], c["ci95"])}
+                means = np.array([by_set.get(s, (math.nan, math.nan))[0] for s in sets], dtype=float)
+                cis = np.array([by_set.get(s, (math.nan, math.nan))[1] for s in sets], dtype=float)
+                yerr = np.where(np.isfinite(cis), cis, 0.0) if np.isfinite(cis).any() else None
+                ax.bar(x - 0.4 + width * (b + 0.5), means, width, yerr=yerr, capsize=2,
+                       color=colors(task, lam), label=f"{_lam_label(task, lam)}, {_seed_label(c['n_seeds'])}")
+            ax.axhline(0.5, color="0.4", ls=":", lw=1, label="_chance")
+            ax.set_xticks(x)
+            ax.set_xticklabels(sets, fontsize=8)
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("AUROC (in-distribution vs OOD)", fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=6.5, loc="lower right")
+    fig.suptitle("OOD detection: AUROC per OOD set (mean over seeds, bars: 95% t-interval)", fontsize=10)
+    return fig
+
+
+def _noise_value(v: Any) -> float:
+    if isinstance(v, str):
+        v = json.loads(v)
+    return 0.0 if v is None else float(v)  # a trial from before label_noise existed had none
+
+
+def label_noise_table(data: StudyData) -> pd.DataFrame:
+    """Clean test accuracy (test labels are never corrupted) per configuration and label-noise
+    fraction p: mean and 95% t-interval over seeds, and the change from p = 0 of the same
+    configuration, paired by seed. Empty unless the study sweeps label_noise."""
+    keys = [k for k in data.train_keys if k != "label_noise"]
+    cols = keys + ["label_noise", "mean", "ci95", "n_seeds", "seeds", "delta_vs_p0", "delta_ci95"]
+    if "label_noise" not in data.extras or data.clean.empty:
+        return pd.DataFrame(columns=cols)
+    clean = data.clean.copy()
+    clean["label_noise"] = clean["label_noise"].map(_noise_value)
+    rows = []
+    for key, g in clean.groupby(keys, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        base = g[g["label_noise"] == 0.0]
+        base_acc = dict(zip(base["seed"].astype(int), base["clean_acc"].astype(float)))
+        for p, h in g.groupby("label_noise", sort=True):
+            m, ci, n = mean_ci(h["clean_acc"].to_numpy(float))
+            acc = dict(zip(h["seed"].astype(int), h["clean_acc"].astype(float)))
+            dm, dci = (math.nan, math.nan)
+            if base_acc and p > 0:
+                dm, dci, _, _ = diff_ci(acc, base_acc)
+            rows.append((*key, float(p), m, ci, n, ",".join(str(s) for s in sorted(acc)), dm, dci))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _label_noise_display(table: pd.DataFrame) -> pd.DataFrame:
+    shown = table.drop(columns=["mean", "ci95", "seeds", "delta_vs_p0", "delta_ci95", "n_seeds"]).copy()
+    shown["label_noise"] = [f"{p:g}" for p in table["label_noise"]]
+    shown["clean test accuracy"] = [_pm(m, c) for m, c in zip(table["mean"], table["ci95"])]
+    shown["change vs p=0"] = [
+        "—" if not np.isfinite(m) else ("+" if m >= 0 else "") + _pm(m, c)
+        for m, c in zip(table["delta_vs_p0"], table["delta_ci95"])
+    ]
+    shown["n_seeds"] = table["n_seeds"].to_numpy()
+    return shown
+
+
+def plot_label_noise(table: pd.DataFrame, train_keys: list[str]) -> Figure | None:
+    """Clean test accuracy against the label-noise fraction p, one curve per λ × init (solid:
+    scratch, dashed: SSL pre-trained), a panel per any other swept factor; shaded 95% t-interval."""
+    if table.empty:
+        return None
+    curve_f = ["ssl_task", "ssl_weight", "init"]
+    row_f = [k for k in _varying(table, train_keys) if k not in curve_f and k != "label_noise"]
+    rows = sorted({tuple(r) for r in table[row_f].itertuples(index=False)}, key=_sort_key) if row_f else [()]
+    colors = _Colors(table["ssl_weight"])
+    fig, axes = _new_figure(len(rows), 1, w=7.0, h=4.0, sharey=True)
+    for i, rv in enumerate(rows):
+        ax = axes[i, 0]
+        where = dict(zip(row_f, rv))
+        sel = _select(table, where)
+        ax.set_title(_describe(where) if where else "clean test accuracy under label corruption", fontsize=8)
+        curves = sorted(sel.groupby(curve_f, dropna=False), key=lambda kv: (float(kv[0][1]), kv[0][0] != "none", str(kv[0][2])))
+        for (task, lam, init), c in curves:
+            c = c.sort_values("label_noise")
+            x, y, ci = (c[k].to_numpy(float) for k in ("label_noise", "mean", "ci95"))
+            color = colors(task, lam)
+            pre = init == "ssl_pretrained"
+            ax.plot(x, y, marker="s" if pre else "o", ms=3.5, lw=1.5, color=color, ls="--" if pre else "-",
+                    label=f"{_lam_label(task, lam)}, {init}, {_seed_label(c['n_seeds'])}")
+            if np.isfinite(ci).any():
+                ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.15, lw=0)
+        ax.set_xticks(sorted(set(float(p) for p in sel["label_noise"])))
+        ax.set_xlabel("fraction of training labels corrupted (p)", fontsize=8)
+        ax.set_ylabel("clean test accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower left")
+    fig.suptitle("Label corruption: clean test accuracy against p\n(mean over seeds, shaded: 95% t-interval)",
+                 fontsize=10)
+    return fig
+
+
 def _display(df: pd.DataFrame, keep: Iterable[str] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Drop factor columns constant across the table (returned separately) and format values."""
     factors = [c for c in df.columns if c in set(CONFIG_COLUMNS) | {"norm", "dataset"} or c in keep]
@@ -878,10 +1088,11 @@ def build_report(
     agg_adv = aggregate(data.adv, tk + list(ADV_EVAL_COLUMNS))
     agg_cor = aggregate(data.cor, tk + list(CORRUPTION_EVAL_COLUMNS))
     clean_agg = aggregate(data.clean, tk, value="clean_acc")
+    agg_ood = aggregate(data.ood, tk + list(OOD_EVAL_COLUMNS), value="value")
 
-    n_max = int(max(agg_adv["n_seeds"].max() if len(agg_adv) else 0, agg_cor["n_seeds"].max() if len(agg_cor) else 0))
-    n_min = int(min(x for x in (agg_adv["n_seeds"].min() if len(agg_adv) else None,
-                                agg_cor["n_seeds"].min() if len(agg_cor) else None) if x is not None))
+    seed_counts = [a["n_seeds"] for a in (agg_adv, agg_cor, agg_ood) if len(a)]
+    n_max = int(max((c.max() for c in seed_counts), default=0))
+    n_min = int(min((c.min() for c in seed_counts), default=0))
     if n_max <= 1:
         notes.append(f"Only 1 seed per configuration ({ONE_SEED}s or intervals; a CI needs ≥ 2 seeds).")
     elif n_min == 1:
@@ -915,6 +1126,18 @@ def build_report(
         ("clean_vs_robust", "Clean vs robust accuracy", plot_clean_vs_robust(cvr, tk),
          "Each point one configuration; robust accuracy at ε_test = ε_train (the nearest grid point above "
          "ε_train when it is not on the grid)."),
+    ]
+    # OOD detection and label corruption: only for studies that have such results
+    noise_table = label_noise_table(data)
+    figures += [
+        ("ood_auroc", "Out-of-distribution detection", plot_ood_auroc(agg_ood, tk),
+         "AUROC of telling in-distribution test images from each OOD set (in-distribution positive), a bar "
+         "per λ, a panel per score (msp: maximum softmax probability; rotation: −KL(U‖softmax) + mean "
+         "rotation-prediction loss over the four rotations). Dotted: chance. Bars: 95% t-interval over seeds."),
+        ("label_noise", "Label corruption", plot_label_noise(noise_table, tk),
+         "Clean test accuracy (test labels are never corrupted) against the fraction p of training labels "
+         "replaced by a random other class; one curve per λ × init (dashed: SSL pre-trained). "
+         "Shaded: 95% t-interval over seeds."),
     ]
     for name, title, fig, caption in figures:
         if fig is None:
@@ -956,6 +1179,32 @@ def build_report(
             table_html.append(f"<h3>{html.escape(title)}</h3><p class='note'>Not available: {html.escape(empty_reason[name])}.</p>")
             continue
         text, fixed = _display(table, keep=data.extras)
+        fixed_txt = "; ".join(f"{_label(k)} = {_fmt(v, k)}" for k, v in fixed.items())
+        md = f"# {title} (study {study})\n\n{caption}\n\n" + (f"Fixed: {fixed_txt}\n\n" if fixed_txt else "") + to_markdown(text)
+        (out / f"{name}.md").write_text(md, encoding="utf-8")
+        table.to_csv(out / f"{name}.csv", index=False)
+        table_paths += [str(out / f"{name}.md"), str(out / f"{name}.csv")]
+        table_html.append(
+            f"<h3 id='{name}'>{html.escape(title)}</h3><p class='caption'>{html.escape(caption)}</p>"
+            + (f"<p class='fixed'>Fixed: {html.escape(fixed_txt)}</p>" if fixed_txt else "")
+            + text.to_html(index=False, escape=True, border=0, classes="t")
+            + f"<p class='files'>{name}.csv · {name}.md</p>"
+        )
+    extra_tables = [
+        ("ood", "Out-of-distribution detection",
+         "Per λ × OOD set × score: AUROC, AUPR (in-distribution as positive, as in Hendrycks' code) and FPR "
+         "at 95% TPR (the fraction of OOD images accepted when 95% of test images are), mean ± 95% t-interval "
+         "over seeds. Higher AUROC/AUPR and lower FPR95 are better.",
+         ood_table(agg_ood, tk), lambda t: ood_display(t, tk)),
+        ("label_noise", "Label corruption: clean test accuracy",
+         "Per configuration and label-noise fraction p: clean test accuracy, mean ± 95% t-interval over seeds, "
+         "and its change from p = 0 of the same configuration (paired by seed).",
+         noise_table, _label_noise_display),
+    ]
+    for name, title, caption, table, display in extra_tables:
+        if table.empty:
+            continue  # not an OOD / label-noise study: nothing to say
+        text, fixed = _display(display(table), keep=data.extras)
         fixed_txt = "; ".join(f"{_label(k)} = {_fmt(v, k)}" for k, v in fixed.items())
         md = f"# {title} (study {study})\n\n{caption}\n\n" + (f"Fixed: {fixed_txt}\n\n" if fixed_txt else "") + to_markdown(text)
         (out / f"{name}.md").write_text(md, encoding="utf-8")

@@ -6,7 +6,11 @@ Layout (hive partitioned by study, so `pyarrow.dataset(..., partitioning="hive")
 
 It is a long table: one row per trial x norm x eps_test (adversarial rows, ``corruption`` and
 ``severity`` null) and one per trial x corruption x severity (corruption rows, ``norm`` and
-``eps_test`` null, ``attack`` = "none", ``robust_acc`` = accuracy under the corruption).
+``eps_test`` null, ``attack`` = "none", ``robust_acc`` = accuracy under the corruption), plus,
+when a trial evaluates out-of-distribution detection, one *measure row* per trial x ood_set x
+score x measure (``norm``, ``eps_test``, ``corruption``, ``severity`` null, ``attack`` = "none",
+``robust_acc`` null, the number in ``value``, e.g. measure "auroc"). ``robust_acc`` may only be
+empty on measure rows. Files written before a nullable column existed read with it empty.
 
 ``study`` is stored in every file as well as in the partition directory name, so a file is
 self-describing; `load` always returns the directory's study name (the partition is authoritative).
@@ -53,6 +57,7 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("eps_train", pa.float64(), False),
     ("train_attack_steps", pa.int64(), False),
     ("rotations", pa.string(), False),
+    ("label_noise", pa.float64(), True),  # fraction of training labels corrupted (null: older files)
     ("norm", pa.string(), True),  # null on corruption rows
     ("eps_test", pa.float64(), True),  # null on corruption rows
     ("attack", pa.string(), False),  # "pgd", or "none" on corruption rows
@@ -61,9 +66,14 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("restarts", pa.int64(), True),  # null (or 0) on corruption rows
     ("n_examples", pa.int64(), False),
     ("clean_acc", pa.float64(), False),
-    ("robust_acc", pa.float64(), False),  # corruption rows: accuracy under the corruption
+    ("robust_acc", pa.float64(), True),  # corruption rows: accuracy under the corruption; null
+    # only on measure rows (checked in validate_rows)
     ("corruption", pa.string(), True),  # null on adversarial rows
     ("severity", pa.int64(), True),  # null on adversarial rows
+    ("ood_set", pa.string(), True),  # OOD rows: gaussian, rademacher, blobs, mnist; else null
+    ("score", pa.string(), True),  # OOD rows: the detection score (msp, rotation); else null
+    ("measure", pa.string(), True),  # measure rows: what `value` is (auroc, aupr, fpr95); else null
+    ("value", pa.float64(), True),  # measure rows: the measured number; else null
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
     ("git_sha", pa.string(), True),
@@ -74,7 +84,9 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
 SCHEMA: pa.Schema = pa.schema([pa.field(n, t, nullable=nullable) for n, t, nullable in COLUMN_SPECS])
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 REQUIRED_COLUMNS: frozenset[str] = frozenset(n for n, _, nullable in COLUMN_SPECS if not nullable)
-KEY_COLUMNS: tuple[str, ...] = ("config_hash", "norm", "eps_test", "corruption", "severity")
+KEY_COLUMNS: tuple[str, ...] = (
+    "config_hash", "norm", "eps_test", "corruption", "severity", "ood_set", "score", "measure",
+)
 PARTITION_KEY = "study"
 
 assert set(KEY_COLUMNS) <= set(COLUMNS)
@@ -230,10 +242,25 @@ def validate_rows(rows: list[dict], study: str | None = None, config_hash: str |
                 continue
             columns[name].append(_check_cell(name, field, row[name], where))
         is_corruption = row.get("corruption") is not None
-        if is_corruption and row.get("severity") is None:
-            raise ResultsError(f"{where}: corruption row needs 'severity'")
-        if not is_corruption and (row.get("norm") is None or row.get("eps_test") is None):
-            raise ResultsError(f"{where}: adversarial row needs 'norm' and 'eps_test' (or set 'corruption')")
+        is_ood = not _is_missing(row.get("ood_set"))
+        is_measure = not _is_missing(row.get("measure"))
+        if is_ood and not is_measure:
+            raise ResultsError(f"{where}: OOD row (ood_set {row['ood_set']!r}) needs 'measure', e.g. auroc")
+        if is_measure:
+            if _is_missing(row.get("value")):
+                raise ResultsError(f"{where}: measure row ({row['measure']!r}) needs 'value'")
+            if is_ood and _is_missing(row.get("score")):
+                raise ResultsError(f"{where}: OOD row (ood_set {row['ood_set']!r}) needs 'score'")
+        else:
+            if is_corruption and row.get("severity") is None:
+                raise ResultsError(f"{where}: corruption row needs 'severity'")
+            if not is_corruption and (row.get("norm") is None or row.get("eps_test") is None):
+                raise ResultsError(f"{where}: adversarial row needs 'norm' and 'eps_test' (or set 'corruption')")
+            if _is_missing(row.get("robust_acc")):
+                kind = "corruption" if is_corruption else "adversarial"
+                raise ResultsError(
+                    f"{where}: {kind} row needs column 'robust_acc' (only measure rows leave it empty)"
+                )
         if study is not None and row["study"] != study:
             raise ResultsError(f"{where}: column 'study' is {row['study']!r}, expected {study!r}")
         if config_hash is not None and row["config_hash"] != config_hash:
@@ -304,8 +331,12 @@ def _read_file(fs: pafs.FileSystem, path: str, shown: str, study: str) -> pa.Tab
             f"results file {shown} is corrupt or unreadable ({_one_line(exc)}); if it is corrupt, {fix}"
         ) from None
     missing = [n for n in COLUMNS if n not in table.column_names]
-    if missing:
-        raise ResultsError(f"results file {shown} lacks column '{missing[0]}' (old or foreign format): {fix}")
+    required = [n for n in missing if n in REQUIRED_COLUMNS]
+    if required:
+        raise ResultsError(f"results file {shown} lacks column '{required[0]}' (old or foreign format): {fix}")
+    for name in missing:  # a nullable column added after the file was written: empty
+        column_type = SCHEMA.field(name).type
+        table = table.append_column(pa.field(name, column_type), pa.nulls(table.num_rows, type=column_type))
     try:
         table = table.select(list(COLUMNS)).cast(SCHEMA)
     except Exception as exc:

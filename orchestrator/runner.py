@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -53,6 +54,9 @@ class StudyOutcome:
 def plan(spec: StudySpec, storage: str) -> tuple[list[Trial], list[Trial]]:
     """(all trials of the grid, the ones that still need to run)."""
     trials = spec.trials()
+    # Read every existing result once: a corrupt or foreign file is named now (ResultsError), before
+    # anything runs, instead of counting as "done" and failing the report at the end.
+    results.load(spec.name, storage)
     done = results.completed_hashes(storage, spec.name)
     return trials, [t for t in trials if t.config_hash not in done]
 
@@ -118,6 +122,61 @@ def check_cluster_resources(resources: dict, autoscaling: bool, out=sys.stdout) 
         return
     raise UserError(f"{'; '.join(problems)}; to run on this machine's CPUs pass --resources cpu=1,gpu=0 "
                     f"(or use --scale default)")
+
+
+# ----------------------------------------------------------------------------- pre-flight
+# Checks that run before anything is created (no MLflow database, no runs/ folder, no Ray): bad
+# input then ends with one line on stderr instead of a traceback from a Ray worker.
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """An explicit --address (HOST:PORT or ray://HOST:PORT) must accept a TCP connection; without
+    this check ray.init retries an unreachable address for many minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not HOST:PORT; ray.init reports it
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as err:
+        reason = ("connection refused" if isinstance(err, ConnectionRefusedError)
+                  else "unknown host" if isinstance(err, socket.gaierror)
+                  else f"no answer within {timeout:g} s" if isinstance(err, TimeoutError)
+                  else str(err) or type(err).__name__)
+        raise UserError(f"cannot reach a Ray cluster at --address {address} ({reason}); start one with "
+                        f"`ray start --head` or `ray up cluster.yaml` (`ray status` on the head node prints "
+                        f"its address), or drop --address to run on this machine") from None
+
+
+def check_local_gpus(resources: dict) -> None:
+    """A local Ray offers the GPUs this machine has; refuse a GPU study on a machine without one."""
+    if resources.get("gpu", 0) <= 0:
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise UserError(f"the study asks for gpu: {resources['gpu']:g} per trial but this machine has no "
+                        f"CUDA GPU, so a local Ray sees none; to run on this machine's CPUs pass "
+                        f"--resources cpu=1,gpu=0 (or use --scale default)")
+
+
+def check_datasets(pending: list[Trial], fixed: dict, data_dir: str | None) -> None:
+    """Both splits of every dataset the pending trials use must load (downloaded once if missing);
+    a missing dataset is one line naming it and how to get it, before any trial starts."""
+    from trainables.config import resolve
+    from trainables.data import DatasetUnavailable, clear_cache, load_split
+
+    names = sorted({t.config["dataset"] for t in pending}) or [resolve(fixed)["dataset"]]
+    try:
+        for name in names:
+            for train in (True, False):
+                load_split(name, train, data_dir, download=True)
+    except DatasetUnavailable as err:
+        raise UserError(str(err)) from None
+    finally:
+        clear_cache()  # the driver trains nothing: do not keep the images
 
 
 # ----------------------------------------------------------------------------- tune
@@ -192,6 +251,14 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
               f"(add values to a factor or seeds to run more)", file=out)
         outcome.report_path = finish_study(spec, storage, tracking_uri, None, trials, outcome, out)
         return outcome
+    if options.address:
+        check_ray_address(options.address)
+    else:  # on a cluster the workers find (or download) the data and the autoscaler adds GPUs
+        import ray
+
+        if not ray.is_initialized():  # else check_cluster_resources asks the Ray we are part of
+            check_local_gpus(resources)
+        check_datasets(pending, spec.fixed, options.data_dir)
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
 
@@ -281,11 +348,14 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                 _write_invocation(storage_mod.join(storage, "tune", run_config.name),
                                   {"parent_run_id": parent_run_id, "study": spec.name, "scale": spec.scale})
             grid = tuner.fit()
+            done_before = {t.config_hash for t in trials} - {t.config_hash for t in pending}
             for result in grid:
                 if result.error is not None:
                     outcome.failed.append(f"{result.path}: {type(result.error).__name__}: "
                                           f"{str(result.error).strip().splitlines()[-1] if str(result.error) else ''}")
                     continue
+                if (result.metrics or {}).get("config_hash") in done_before:
+                    continue  # finished by the interrupted invocation (--resume); counted as skipped
                 if (result.metrics or {}).get("reused_result"):
                     outcome.skipped += 1
                     continue
@@ -301,6 +371,9 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         status = "KILLED"
         raise
     finally:
-        tracking.end_run(tracking_uri, parent_run_id, status)
+        try:
+            tracking.end_run(tracking_uri, parent_run_id, status)
+        except tracking.TrackingError as err:  # e.g. the server went away: results are in Parquet
+            outcome.tracking_errors.append(f"parent run {parent_run_id}: {err}")
     outcome.report_path = finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, out)
     return outcome

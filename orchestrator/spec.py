@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from trainables.config import NON_SEMANTIC_KEYS, SCHEMA, ConfigError, check_value, parse_cli_value, resolve
+from trainables.config import HASH_NEUTRAL_DEFAULTS
 
 from .errors import UserError
 
@@ -59,6 +60,9 @@ def config_hash(config: dict[str, Any]) -> str:
     """The identity of a configuration: its resolved semantic settings, hashed."""
     full = resolve(config)
     semantic = {k: v for k, v in sorted(full.items()) if k not in NON_SEMANTIC_KEYS}
+    for key in HASH_NEUTRAL_DEFAULTS:  # settings added later: hashed only when they are changed
+        if key in semantic and semantic[key] == SCHEMA[key][0]:
+            del semantic[key]
     return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -41,6 +41,38 @@ def robustness_table(spec, table) -> str:
     return "\n".join(rendered)
 
 
+def ood_auroc_table(spec, table) -> str | None:
+    """OOD-detection AUROC (mean ± 95% CI over seeds) per cell of the factors, a column per OOD
+    set × score; None when the study has no OOD rows."""
+    from .report import mean_ci
+
+    if table.empty or "ood_set" not in table.columns:
+        return None
+    rows = table[table["ood_set"].notna() & (table["measure"] == "auroc")].copy()
+    if rows.empty:
+        return None
+    factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
+    configs = rows["config_json"].map(json.loads)
+    for name in factor_names:
+        rows[f"factor.{name}"] = configs.map(lambda c, n=name: json.dumps(c.get(n)))
+    keys = [f"factor.{n}" for n in factor_names]
+    columns = sorted({(s, sc) for s, sc in zip(rows["ood_set"], rows["score"])})
+    header = [*factor_names, "seeds", *(f"{s}/{sc}" for s, sc in columns)]
+    lines = [header]
+    for key, group in rows.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        line = [json.loads(k) for k in key] + [str(group["seed"].nunique())]
+        for ood_set, score in columns:
+            values = group[(group["ood_set"] == ood_set) & (group["score"] == score)]["value"]
+            mean, half, n = mean_ci(values)
+            line.append("–" if n == 0 else f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}")
+        lines.append([str(v) for v in line])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    rendered.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(rendered)
+
+
 def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, out=sys.stdout) -> str | None:
     from .report import build_report
 
@@ -62,12 +94,20 @@ def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, ou
     print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
     print(robustness_table(spec, table), file=out)
     print("", file=out)
+    ood_text = ood_auroc_table(spec, table)
+    if ood_text:
+        print(f"OOD detection AUROC ({spec.name}; set/score; in-distribution test images vs the set; "
+              f"mean ± 95% CI over seeds):", file=out)
+        print(ood_text, file=out)
+        print("", file=out)
     print(f"trials run now: {outcome.ran}, skipped (results existed): {outcome.skipped}, "
           f"failed: {len(outcome.failed)}", file=out)
     for failure in outcome.failed:
         print(f"  failed: {failure}", file=out)
     if outcome.tracking_errors:
-        print(f"MLflow tracking failed for {len(outcome.tracking_errors)} trial(s); their results are in "
+        trials_lost = sum(not e.startswith("parent run ") for e in outcome.tracking_errors)  # see runner
+        parent_lost = " and the study's parent run" if trials_lost < len(outcome.tracking_errors) else ""
+        print(f"MLflow tracking failed for {trials_lost} trial(s){parent_lost}; their results are in "
               f"Parquet. Log them to MLflow once the server is back with:", file=out)
         print(f"  python -m orchestrator.study {spec.name} --backfill-tracking --storage {storage} "
               f"--tracking-uri {tracking_uri}", file=out)

@@ -465,6 +465,14 @@ def result_metric_name(
     return "clean_acc"
 
 
+def ood_metric_name(ood_set: str, score: str, measure: str) -> str:
+    """``ood/<set>/<score>/<measure>``, e.g. ``ood/gaussian/rotation/auroc``."""
+    for what, value in (("ood_set", ood_set), ("score", score), ("measure", measure)):
+        if _missing(value):
+            raise ValueError(f"an OOD metric needs '{what}'")
+    return _clean_name(f"ood/{ood_set}/{score}/{measure}")
+
+
 # --------------------------------------------------------------------------------------------
 # experiment and parent runs (driver side: raise TrackingError)
 # --------------------------------------------------------------------------------------------
@@ -867,6 +875,7 @@ def metrics_from_rows(rows: Iterable[dict]) -> dict[str, float]:
 
     * ``norm`` + ``eps_test`` (or ``eps``) -> ``robust_acc/<norm>/<eps>``
     * ``corruption`` + ``severity`` -> ``corruption_acc/<corruption>/<severity>``
+    * ``ood_set`` + ``score`` + ``measure`` -> ``ood/<set>/<score>/<measure>`` (value in ``value``)
     * ``clean_acc`` -> ``clean_acc``
     * a ``metric`` column names the value itself; columns already named like a metric
       (``robust_acc/linf/0.1``) are taken as they are.
@@ -885,6 +894,11 @@ def metrics_from_rows(rows: Iterable[dict]) -> dict[str, float]:
             continue
         if row.get("metric") is not None:
             name = _clean_name(row["metric"])
+        elif row.get("ood_set") is not None:
+            try:
+                name = ood_metric_name(row["ood_set"], row.get("score"), row.get("measure"))
+            except ValueError:
+                continue
         elif row.get("norm") is None and row.get("corruption") is None:
             continue  # nothing says what the value measures
         else:

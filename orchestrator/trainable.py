@@ -24,7 +24,7 @@ from trainables.train import Trainer
 from . import results
 from .pretrain import ensure_pretrained
 from .spec import config_hash
-from .tracking import TrialTracker, result_metric_name
+from .tracking import TrialTracker, ood_metric_name, result_metric_name
 from .trial_plot import plot_trial_curve
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -32,7 +32,7 @@ CHECKPOINT_FILE = "trial_state.pt"
 CONFIG_COLUMNS = tuple(
     c for c in results.COLUMNS
     if c in ("seed", "dataset", "arch", "ssl_task", "ssl_weight", "attack_variant", "init",
-             "norm_train", "eps_train", "train_attack_steps", "rotations")
+             "norm_train", "eps_train", "train_attack_steps", "rotations", "label_noise")
 )
 
 
@@ -60,9 +60,10 @@ def trial_config(params: dict, context: StudyContext) -> dict:
 
 
 def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
-    """The numbers a search optimises and the progress table shows."""
-    adversarial = [r for r in records if r["corruption"] is None and r["norm"] == config["norm_train"]]
-    clean = records[0]["clean_acc"] if records else float("nan")
+    """The numbers a search optimises and the progress table shows (OOD measure rows ignored)."""
+    kept = [r for r in records if not _is_ood(r)]
+    adversarial = [r for r in kept if r["corruption"] is None and r["norm"] == config["norm_train"]]
+    clean = (kept or records)[0]["clean_acc"] if records else float("nan")  # on every row
     above = [r["robust_acc"] for r in adversarial if r["eps_test"] >= config["eps_train"] - 1e-12]
     at = [r["robust_acc"] for r in adversarial if abs(r["eps_test"] - config["eps_train"]) < 1e-12]
     return {
@@ -70,6 +71,23 @@ def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
         "robust_acc_above_eps_train": sum(above) / len(above) if above else float("nan"),
         "robust_acc_at_eps_train": at[0] if at else float("nan"),
     }
+
+
+def _is_ood(record: dict) -> bool:
+    value = record.get("ood_set")
+    return value is not None and value == value  # None or NaN (pandas) means not an OOD row
+
+
+def result_metrics(records: list[dict]) -> dict[str, float]:
+    """The MLflow metrics of a trial's records: robust_acc/<norm>/<eps>,
+    corruption_acc/<corruption>/<severity> and ood/<set>/<score>/<measure>."""
+    metrics = {}
+    for r in records:
+        if _is_ood(r):
+            metrics[ood_metric_name(r["ood_set"], r["score"], r["measure"])] = r["value"]
+        else:
+            metrics[result_metric_name(r["norm"], r["eps_test"], r["corruption"], r["severity"])] = r["robust_acc"]
+    return metrics
 
 
 def trial_rows(context: StudyContext, config: dict, chash: str, trial_id: str, records: list[dict],
@@ -150,11 +168,7 @@ def run_trial(params: dict, context: StudyContext) -> None:
     parquet_path = results.write_trial(context.storage, context.study, chash, rows)
     summary = summary_metrics(config, records)
     if tracker is not None:
-        tracker.log_result_metrics({
-            **{result_metric_name(r["norm"], r["eps_test"], r["corruption"], r["severity"]): r["robust_acc"]
-               for r in records},
-            **summary,
-        })
+        tracker.log_result_metrics({**result_metrics(records), **summary})
         with tempfile.TemporaryDirectory() as folder:
             plot = plot_trial_curve(records, config, os.path.join(folder, "robust_accuracy_curve.png"))
             tracker.log_artifact(plot)

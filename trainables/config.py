@@ -31,6 +31,9 @@ CORRUPTIONS = (
     "brightness",
     "jpeg",
 )
+# Out-of-distribution sets (trainables.ood) and the scores that rank test images against them.
+OOD_SETS = ("gaussian", "rademacher", "blobs", "mnist")
+OOD_SCORES = ("msp", "rotation")
 
 MNIST_FAMILY = ("fashion_mnist", "mnist")
 
@@ -47,12 +50,15 @@ DEFAULT_EPS_GRIDS = {
 }
 
 # key -> (default, kind, constraint). kind is used for type checking and for parsing `--set`.
-# constraint: a tuple of allowed values, or "nonneg", "pos", "prob" for numbers.
+# constraint: a tuple of allowed values, or "nonneg", "pos", "prob" for numbers ("fraction": in [0, 1)).
 SCHEMA: dict[str, tuple[Any, str, Any]] = {
     # data
     "dataset": ("fashion_mnist", "str", DATASETS),
     "train_subset": (None, "int?", "pos"),
     "test_subset": (1000, "int?", "pos"),
+    # a fraction p of the training labels replaced by a uniformly random other class (fixed by the
+    # seed; test labels are never corrupted): trainables.label_noise
+    "label_noise": (0.0, "float", "fraction"),
     # model
     "arch": ("small_cnn", "str", ARCHS),
     "depth": (40, "int", "pos"),
@@ -95,12 +101,19 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "eval_batch_size": (500, "int", "pos"),
     "corruptions": ([], "list[str]", CORRUPTIONS),
     "corruption_severities": ([1, 2, 3, 4, 5], "list[int]", (1, 2, 3, 4, 5)),
+    # out-of-distribution detection (trainables.ood): records only when ood_sets is non-empty
+    "ood_sets": ([], "list[str]", OOD_SETS),
+    "ood_scores": (["msp", "rotation"], "list[str]", OOD_SCORES),
+    "ood_examples": (None, "int?", "pos"),  # OOD images per set; None: as many as test images
     # run
     "seed": (0, "int", "nonneg"),
 }
 
 # Keys that change where or how fast a trial runs but not its result; excluded from config hashes.
 NON_SEMANTIC_KEYS = frozenset({"eval_batch_size"})
+# Keys added after results existed: left out of config hashes while they hold their default, so
+# every earlier configuration keeps its identity (and its results are not run again).
+HASH_NEUTRAL_DEFAULTS = frozenset({"label_noise", "ood_sets", "ood_scores", "ood_examples"})
 
 
 class ConfigError(ValueError):
@@ -145,6 +158,8 @@ def _check_number(key: str, value: Any, kind: str, constraint: Any, where: str) 
         raise ConfigError(f"{where}: '{key}' must be >= 0, got {value!r}")
     if constraint == "pos" and value <= 0:
         raise ConfigError(f"{where}: '{key}' must be > 0, got {value!r}")
+    if constraint == "fraction" and not 0 <= value < 1:
+        raise ConfigError(f"{where}: '{key}' must be a fraction in [0, 1), got {value!r}")
     return value
 
 
@@ -198,6 +213,19 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
         full[key] = sorted(set(float(e) for e in full[key]))
     if full["ssl_task"] == "none" and full["attack_variant"] == "ssl":
         raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task; set ssl_task: rotation")
+    for key in ("ood_sets", "ood_scores"):  # one record per set × score × measure: no repeats
+        full[key] = list(dict.fromkeys(full[key]))
+    if full["ood_sets"]:
+        if "rotation" in full["ood_scores"] and full["ssl_task"] != "rotation":
+            raise ConfigError(
+                f"{where}: ood score 'rotation' needs the rotation head; set ssl_task: rotation "
+                f"or ood_scores: [msp]"
+            )
+        if full["dataset"] in full["ood_sets"]:
+            raise ConfigError(
+                f"{where}: ood set '{full['dataset']}' is the training dataset itself; "
+                f"drop it from ood_sets"
+            )
     return full
 
 

@@ -2,7 +2,9 @@
 
 Every record has the same keys (`RECORD_KEYS`), so the orchestrator writes them to Parquet as they
 are: adversarial rows carry norm/eps_test and leave corruption/severity empty, corruption rows the
-other way round.
+other way round. Out-of-distribution rows (`trainables.ood`, when `ood_sets` is non-empty) leave
+all four empty and carry ood_set, score, measure and value instead (robust_acc empty); the other
+rows leave those four empty.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .device import autocast
 
 RECORD_KEYS = (
     "norm", "eps_test", "attack", "attack_steps", "step_size", "restarts", "n_examples",
-    "clean_acc", "robust_acc", "corruption", "severity",
+    "clean_acc", "robust_acc", "corruption", "severity", "ood_set", "score", "measure", "value",
 )
 
 
@@ -91,6 +93,7 @@ def _record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_
         norm=norm, eps_test=float(eps), attack=attack, attack_steps=int(steps),
         step_size=float(step_size), restarts=int(restarts), n_examples=int(n),
         clean_acc=float(clean_acc), robust_acc=float(robust_acc), corruption=None, severity=None,
+        ood_set=None, score=None, measure=None, value=None,
     )
 
 
@@ -105,12 +108,14 @@ def corruption_records(model, x, y, names, severities, batch_size=500, seed=0, c
             norm=None, eps_test=None, attack="none", attack_steps=0, step_size=0.0, restarts=0,
             n_examples=int(row["n_examples"]), clean_acc=float(clean_acc),
             robust_acc=float(row["accuracy"]), corruption=row["corruption"], severity=int(row["severity"]),
+            ood_set=None, score=None, measure=None, value=None,
         ))
     return records
 
 
-def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> list[dict]:
-    """Every record a trial reports: a robustness curve per norm, then the corruption grid."""
+def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict, data_dir=None) -> list[dict]:
+    """Every record a trial reports: a robustness curve per norm, then the corruption grid, then
+    the OOD-detection measures (`data_dir`: where a held-out OOD dataset such as mnist is read)."""
     records = []
     for norm in config["eval_norms"]:
         records += robust_accuracy_curve(
@@ -123,4 +128,10 @@ def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> lis
         model, x, y, config["corruptions"], config["corruption_severities"],
         batch_size=config["eval_batch_size"], seed=config["seed"], clean_acc=clean_acc,
     )
+    if config.get("ood_sets"):
+        from .ood import ood_records
+
+        if clean_acc is None:
+            clean_acc = (predictions(model, x, config["eval_batch_size"]) == y).float().mean().item()
+        records += ood_records(model, x, config, data_dir=data_dir, clean_acc=clean_acc)
     return records

@@ -17,9 +17,10 @@ import torch
 
 from .attacks import fgsm, pgd
 from .config import resolve
-from .data import iterate_batches, load_split
+from .data import ImageTensors, iterate_batches, load_split
 from .device import autocast, prepare_input, prepare_model, select_device
 from .evaluate import evaluate_model, predictions
+from .label_noise import corrupt_labels, label_noise_generator
 from .models import backbone_state, build_model, load_backbone
 from .objectives import SSLBatch, attack_objective, stack_inputs, update_loss
 from .ssl import attach_head, build_task
@@ -74,6 +75,21 @@ class Trainer:
         self.train_data = load_split(
             cfg["dataset"], True, data_dir, cfg["train_subset"], DATA_SELECTION_SEED, self.device
         )
+        # Label noise: fixed by the trial seed, drawn from a generator of its own (every other
+        # random choice is the same as without noise); the count flipped is recorded.
+        self.label_noise_flipped = 0
+        self.label_noise_mask: torch.Tensor | None = None
+        if cfg["label_noise"] > 0:
+            noisy, self.label_noise_mask = corrupt_labels(
+                self.train_data.labels, cfg["label_noise"], self.train_data.info.num_classes,
+                label_noise_generator(cfg["seed"]),
+            )
+            self.label_noise_flipped = int(self.label_noise_mask.sum())
+            self.train_data = ImageTensors(self.train_data.images, noisy, self.train_data.info)
+        if cfg["ood_sets"]:  # a held-out OOD dataset that is not on disk fails now, not after training
+            from .ood import check_available
+
+            check_available(cfg["ood_sets"], self.train_data.info, data_dir)
         torch.manual_seed(cfg["seed"])  # model initialisation
         model = build_model(cfg["arch"], self.train_data.info, depth=cfg["depth"], width=cfg["width"])
         self.task = build_task(cfg["ssl_task"], cfg["rotations"])
@@ -154,6 +170,8 @@ class Trainer:
             "train_adv_acc": correct, "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_seconds": seconds, "images_per_second": seen / seconds if seconds > 0 else 0.0,
         }
+        if cfg["label_noise"] > 0:  # train_adv_acc is then measured against the noisy labels
+            metrics["label_noise_flipped"] = self.label_noise_flipped
         self.history.append(metrics)
         return metrics
 
@@ -172,7 +190,8 @@ class Trainer:
 
     def evaluate(self) -> list[dict]:
         data = self.test_data()
-        return evaluate_model(self.model, data.images.float() / 255, data.labels, self.config)
+        return evaluate_model(self.model, data.images.float() / 255, data.labels, self.config,
+                              data_dir=self.data_dir)
 
     def state_dict(self) -> dict:
         return {
