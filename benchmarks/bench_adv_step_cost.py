@@ -64,12 +64,12 @@ def main() -> None:
 
             times = common.interleaved({"adversarial": adversarial_step, "clean": clean_passes},
                                        args.repeats)
-            ratio = common.median(times["adversarial"]) / common.median(times["clean"])
+            ratio, line = common.ratio_line("ratio", times, "adversarial", "clean")
             name = "joint rotation (one), λ=0.5" if ssl else "plain AT (ce, no SSL)"
             print(f"[{name}] k={k} batch={args.batch}")
             print(f"  adversarial step (PGD-{k} + update) {common.summary(times['adversarial'])}")
             print(f"  {k + 1} clean fwd+bwd             {common.summary(times['clean'])}")
-            print(f"  ratio = {ratio:.3f}  (target <= 1.15: {'met' if ratio <= 1.15 else 'MISSED'})")
+            print(f"  {line}  (target <= 1.15: {'met' if ratio <= 1.15 else 'MISSED'})")
     print(f"load average at end: {common.load_average()}")
 
 

@@ -40,7 +40,7 @@ def main() -> None:
             "torchattacks": lambda: reference(x, y),
         }
         times = common.interleaved(fns, args.repeats)
-        ratio = common.median(times["torchattacks"]) / common.median(times["ours"])
+        ratio, line = common.ratio_line("speed ratio torchattacks/ours", times, "torchattacks", "ours")
         x_ours, x_ref = fns["ours"](), fns["torchattacks"]()
         with torch.no_grad():
             acc_ours = (model(x_ours).argmax(1) == y).float().mean().item()
@@ -48,8 +48,7 @@ def main() -> None:
         print(f"[{norm}] eps={eps} alpha={alpha:.4f} steps={args.steps} n={args.n}")
         print(f"  ours         {common.summary(times['ours'])}  robust acc {acc_ours:.3f}")
         print(f"  torchattacks {common.summary(times['torchattacks'])}  robust acc {acc_ref:.3f}")
-        print(f"  speed ratio torchattacks/ours = {ratio:.3f}  (target >= 1.0: "
-              f"{'met' if ratio >= 1.0 else 'MISSED'})")
+        print(f"  {line}  (target >= 1.0: {'met' if ratio >= 1.0 else 'MISSED'})")
     print(f"load average at end: {common.load_average()}")
 
 

@@ -63,17 +63,28 @@ def trained_model(adversarial: bool, subset: int = 5000, epochs: int = 2, eps: f
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall-clock seconds of each function, run in turn `repeats` times after `warmup` rounds."""
+    """Wall-clock seconds of each function, run in turn `repeats` times after `warmup` rounds.
+    The process CPU seconds of the same runs are under "<name>:cpu" (less sensitive to other
+    processes on a shared machine than wall time, though not immune: threads wait for cores)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    times.update({name + ":cpu": [] for name in fns})
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            times[name + ":cpu"].append(time.process_time() - cpu)
     return times
+
+
+def ratio_line(label: str, times: dict[str, list[float]], num: str, den: str) -> tuple[float, str]:
+    """The ratio of medians num/den, in wall time (the headline) and in CPU time."""
+    wall = median(times[num]) / median(times[den])
+    cpu = median(times[num + ":cpu"]) / median(times[den + ":cpu"])
+    return wall, f"{label} = {wall:.3f} wall-clock (CPU time: {cpu:.3f})"
 
 
 def median(values: list[float]) -> float:

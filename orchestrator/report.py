@@ -13,7 +13,9 @@ A trial with ssl_task "none" has no SSL loss whatever its ssl_weight says, so th
 as λ = 0.
 
 Studies with out-of-distribution rows (ood_set/score/measure/value) also get an OOD table and an
-AUROC figure; studies that sweep label_noise get a table and a figure of clean test accuracy
+AUROC figure; studies with label-free measure rows (measure/value with no ood_set, `radius` on
+certified_acc rows) get a table of the label-free measures and a certified-accuracy figure;
+studies that sweep label_noise get a table and a figure of clean test accuracy
 against the fraction of corrupted training labels. Neither appears for other studies.
 """
 from __future__ import annotations
@@ -56,10 +58,13 @@ CORRUPTION_EVAL_COLUMNS = ("corruption", "severity")
 # Config keys that decide which rows a trial has (or how fast it runs), not the value of a row.
 NOT_FACTORS = frozenset(
     {"seed", "eval_batch_size", "eval_norms", "eval_eps_linf", "eval_eps_l2", "corruptions", "corruption_severities",
-     "ood_sets", "ood_scores"}
+     "ood_sets", "ood_scores", "label_free_eval"}
 )
 OOD_EVAL_COLUMNS = ("ood_set", "score", "measure")
 OOD_MEASURES = ("auroc", "aupr", "fpr95")
+LABEL_FREE_EVAL_COLUMNS = ("measure", "radius")
+LABEL_FREE_MEASURES = ("repr_distance_untargeted", "repr_distance_targeted", "breakaway_risk", "overlap_risk",
+                       "smoothing_abstain_rate")
 # Factors that never define panels (curves are per λ).
 CURVE_FACTORS = ("ssl_task", "ssl_weight")
 # Adversarial figures: a column per attack variant, a row per init × norm × ε_train (× any other
@@ -156,6 +161,8 @@ class StudyData:
     notes: list[str]
     # seed level: train_keys + ood_set + score + measure + seed -> value (empty without OOD rows)
     ood: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # seed level: train_keys + measure + radius + seed -> value (empty without label-free rows)
+    label_free: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _json_value(v: Any) -> str:
@@ -234,7 +241,8 @@ def prepare(df: pd.DataFrame) -> StudyData:
     d["seed"] = d["seed"].astype(int)
     is_cor = d["corruption"].notna()
     is_ood = d["ood_set"].notna() if "ood_set" in d.columns else pd.Series(False, index=d.index)
-    adv_raw = d[~is_cor & ~is_ood].copy()
+    is_lf = (d["measure"].notna() & ~is_ood) if "measure" in d.columns else pd.Series(False, index=d.index)
+    adv_raw = d[~is_cor & ~is_ood & ~is_lf].copy()
     cor_raw = d[is_cor].copy()
     adv_raw["norm"] = adv_raw["norm"].astype(object)
     cor_raw["corruption"] = cor_raw["corruption"].astype(object)
@@ -260,7 +268,16 @@ def prepare(df: pd.DataFrame) -> StudyData:
         for c in OOD_EVAL_COLUMNS:
             ood_raw[c] = ood_raw[c].astype(object)
         ood = ood_raw.groupby(ood_keys + ["seed"], dropna=False, sort=True)["value"].mean().reset_index()
-    return StudyData(df, adv, cor, clean, train_keys, extras, notes, ood)
+    lf_keys = train_keys + list(LABEL_FREE_EVAL_COLUMNS)
+    lf_raw = d[is_lf].copy()
+    if lf_raw.empty:
+        label_free = pd.DataFrame(columns=lf_keys + ["seed", "value"])
+    else:
+        lf_raw["measure"] = lf_raw["measure"].astype(object)
+        lf_raw["radius"] = (lf_raw["radius"].astype(float).round(10) if "radius" in lf_raw.columns
+                            else math.nan)
+        label_free = lf_raw.groupby(lf_keys + ["seed"], dropna=False, sort=True)["value"].mean().reset_index()
+    return StudyData(df, adv, cor, clean, train_keys, extras, notes, ood, label_free)
 
 
 def aggregate(seed_df: pd.DataFrame, keys: list[str], value: str = "robust_acc") -> pd.DataFrame:
@@ -937,6 +954,90 @@ def label_noise_table(data: StudyData) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+# ============================================================================================
+# Label-free robustness (Petrov and Kwiatkowska; only for studies that have it)
+# ============================================================================================
+def _lf_column(measure: str, radius: Any) -> str:
+    return f"certified_acc@{float(radius):g}" if measure == "certified_acc" else str(measure)
+
+
+def label_free_table(agg_lf: pd.DataFrame, train_keys: list[str]) -> pd.DataFrame:
+    """Per configuration (λ × variant × ...): mean and 95% t-interval over seeds of every label-free
+    measure, certified accuracy one column per radius (`certified_acc@<r>`)."""
+    if agg_lf.empty:
+        return pd.DataFrame(columns=list(train_keys) + ["n_seeds"])
+    agg = agg_lf.copy()
+    agg["column"] = [_lf_column(m, r) for m, r in zip(agg["measure"], agg["radius"])]
+    known = [m for m in LABEL_FREE_MEASURES if m in set(agg["column"])]
+    radii = sorted({float(r) for m, r in zip(agg["measure"], agg["radius"]) if m == "certified_acc"})
+    columns = known + [_lf_column("certified_acc", r) for r in radii]
+    columns += sorted(set(agg["column"]) - set(columns))
+    rows = []
+    for key, g in agg.groupby(list(train_keys), dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = list(key)
+        for c in columns:
+            r = g[g["column"] == c]
+            row += [float(r["mean"].iloc[0]), float(r["ci95"].iloc[0])] if len(r) else [math.nan, math.nan]
+        row.append(int(g["n_seeds"].max()))
+        rows.append(row)
+    cols = list(train_keys) + [f"{c}_{x}" for c in columns for x in ("mean", "ci95")] + ["n_seeds"]
+    table = pd.DataFrame(rows, columns=cols)
+    order = sorted(range(len(table)), key=lambda i: (
+        _sort_key(tuple(table.iloc[i][k] for k in train_keys if k not in CURVE_FACTORS)),
+        float(table["ssl_weight"].iloc[i]), str(table["ssl_task"].iloc[i])))
+    return table.iloc[order].reset_index(drop=True)
+
+
+def label_free_display(table: pd.DataFrame, train_keys: list[str]) -> pd.DataFrame:
+    """The label-free table with 'mean ± CI' cells (Markdown and HTML; the CSV keeps the numbers)."""
+    shown = table[list(train_keys)].copy()
+    measures = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
+    for m in measures:
+        shown[m] = [_pm(a, b) for a, b in zip(table[f"{m}_mean"], table[f"{m}_ci95"])]
+    shown["n_seeds"] = table["n_seeds"].to_numpy()
+    return shown
+
+
+def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure | None:
+    """Certified accuracy (randomized smoothing) against the l2 radius, one curve per λ × attack
+    variant, a panel per any other swept factor; shaded: 95% t-interval over seeds."""
+    sel_all = agg_lf[agg_lf["measure"] == "certified_acc"] if not agg_lf.empty else agg_lf
+    if sel_all.empty:
+        return None
+    curve_f = ["ssl_task", "ssl_weight", "attack_variant"]
+    row_f = [k for k in _varying(sel_all, train_keys) if k not in curve_f]
+    rows = sorted({tuple(r) for r in sel_all[row_f].itertuples(index=False)}, key=_sort_key) if row_f else [()]
+    colors = _Colors(sel_all["ssl_weight"])
+    variants = sorted(set(sel_all["attack_variant"]))
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D"]
+    fig, axes = _new_figure(len(rows), 1, w=7.0, h=4.0, sharey=True)
+    for i, rv in enumerate(rows):
+        ax = axes[i, 0]
+        where = dict(zip(row_f, rv))
+        sel = _select(sel_all, where)
+        ax.set_title(_describe(where) if where else "certified accuracy (randomized smoothing)", fontsize=8)
+        curves = sorted(sel.groupby(curve_f, dropna=False), key=lambda kv: (str(kv[0][2]), float(kv[0][1])))
+        for (task, lam, variant), c in curves:
+            c = c.sort_values("radius")
+            x, y, ci = (c[k].to_numpy(float) for k in ("radius", "mean", "ci95"))
+            v = variants.index(variant) % len(styles)
+            color = colors(task, lam)
+            ax.plot(x, y, marker=markers[v], ms=3.5, lw=1.5, color=color, ls=styles[v],
+                    label=f"{_lam_label(task, lam)}, {variant}, {_seed_label(c['n_seeds'])}")
+            if np.isfinite(ci).any():
+                ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+        ax.set_xlabel("l2 radius r", fontsize=8)
+        ax.set_ylabel("certified accuracy at r", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper right")
+    fig.suptitle("Randomized smoothing: certified accuracy against radius\n(mean over seeds, shaded: 95% t-interval)",
+                 fontsize=10)
+    return fig
+
+
 def _label_noise_display(table: pd.DataFrame) -> pd.DataFrame:
     shown = table.drop(columns=["mean", "ci95", "seeds", "delta_vs_p0", "delta_ci95", "n_seeds"]).copy()
     shown["label_noise"] = [f"{p:g}" for p in table["label_noise"]]
@@ -1089,8 +1190,9 @@ def build_report(
     agg_cor = aggregate(data.cor, tk + list(CORRUPTION_EVAL_COLUMNS))
     clean_agg = aggregate(data.clean, tk, value="clean_acc")
     agg_ood = aggregate(data.ood, tk + list(OOD_EVAL_COLUMNS), value="value")
+    agg_lf = aggregate(data.label_free, tk + list(LABEL_FREE_EVAL_COLUMNS), value="value")
 
-    seed_counts = [a["n_seeds"] for a in (agg_adv, agg_cor, agg_ood) if len(a)]
+    seed_counts = [a["n_seeds"] for a in (agg_adv, agg_cor, agg_ood, agg_lf) if len(a)]
     n_max = int(max((c.max() for c in seed_counts), default=0))
     n_min = int(min((c.min() for c in seed_counts), default=0))
     if n_max <= 1:
@@ -1138,6 +1240,10 @@ def build_report(
          "Clean test accuracy (test labels are never corrupted) against the fraction p of training labels "
          "replaced by a random other class; one curve per λ × init (dashed: SSL pre-trained). "
          "Shaded: 95% t-interval over seeds."),
+        ("certified_accuracy", "Label-free robustness: certified accuracy", plot_certified_accuracy(agg_lf, tk),
+         "Randomized smoothing (Cohen et al. 2019, CERTIFY): the fraction of test images the smoothed "
+         "classifier predicts correctly with a certified l2 radius of at least r; one curve per λ × attack "
+         "variant. Shaded: 95% t-interval over seeds."),
     ]
     for name, title, fig, caption in figures:
         if fig is None:
@@ -1200,6 +1306,14 @@ def build_report(
          "Per configuration and label-noise fraction p: clean test accuracy, mean ± 95% t-interval over seeds, "
          "and its change from p = 0 of the same configuration (paired by seed).",
          noise_table, _label_noise_display),
+        ("label_free", "Label-free robustness of the representation",
+         "Per configuration (λ × attack variant × ...), mean ± 95% t-interval over seeds (Petrov and "
+         "Kwiatkowska): repr_distance_* = ‖f(x̂) − f(x)‖ (untargeted) or ‖f(x̂) − f(x_t)‖ (targeted) over the "
+         "median distance of clean pairs; breakaway_risk = fraction of other clean representations closer to "
+         "the attacked one than its own; overlap_risk = fraction of targeted attacks ending closer to the "
+         "target than to the own clean representation; certified_acc@r = randomized-smoothing certified "
+         "accuracy at l2 radius r; smoothing_abstain_rate = fraction of abstentions.",
+         label_free_table(agg_lf, tk), lambda t: label_free_display(t, tk)),
     ]
     for name, title, caption, table, display in extra_tables:
         if table.empty:

@@ -9,7 +9,9 @@ It is a long table: one row per trial x norm x eps_test (adversarial rows, ``cor
 ``eps_test`` null, ``attack`` = "none", ``robust_acc`` = accuracy under the corruption), plus,
 when a trial evaluates out-of-distribution detection, one *measure row* per trial x ood_set x
 score x measure (``norm``, ``eps_test``, ``corruption``, ``severity`` null, ``attack`` = "none",
-``robust_acc`` null, the number in ``value``, e.g. measure "auroc"). ``robust_acc`` may only be
+``robust_acc`` null, the number in ``value``, e.g. measure "auroc"). Label-free robustness
+(`trainables.label_free`) gives measure rows with ``ood_set`` null too (e.g. "breakaway_risk"), and
+"certified_acc" rows with the certified radius in ``radius``. ``robust_acc`` may only be
 empty on measure rows. Files written before a nullable column existed read with it empty.
 
 ``study`` is stored in every file as well as in the partition directory name, so a file is
@@ -74,6 +76,8 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("score", pa.string(), True),  # OOD rows: the detection score (msp, rotation); else null
     ("measure", pa.string(), True),  # measure rows: what `value` is (auroc, aupr, fpr95); else null
     ("value", pa.float64(), True),  # measure rows: the measured number; else null
+    # label-free measure rows (ood_set null): the certified l2 radius of measure certified_acc; else null
+    ("radius", pa.float64(), True),
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
     ("git_sha", pa.string(), True),
@@ -86,6 +90,7 @@ COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 REQUIRED_COLUMNS: frozenset[str] = frozenset(n for n, _, nullable in COLUMN_SPECS if not nullable)
 KEY_COLUMNS: tuple[str, ...] = (
     "config_hash", "norm", "eps_test", "corruption", "severity", "ood_set", "score", "measure",
+    "radius",
 )
 PARTITION_KEY = "study"
 

@@ -17,7 +17,6 @@ import pyarrow.fs as pafs
 
 from . import results, storage as storage_mod, tracking
 from .errors import UserError
-from .search import search_setup
 from .spec import StudySpec, Trial
 
 TUNE_STATE_FILE = "sslrobust_invocation.json"
@@ -92,9 +91,12 @@ def connect_ray(address: str | None, num_cpus_hint: float | None = None) -> None
             # A local Ray of this machine; its dashboard (if installed) listens on 127.0.0.1 only.
             ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
     except ConnectionError as err:
+        token_hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+            "(docs/cluster.md)")
         raise UserError(f"cannot reach a Ray cluster at --address {address}: {str(err).splitlines()[0]}; "
                         f"start one with `ray start --head` or `ray up cluster.yaml`, or drop --address "
-                        f"to run on this machine") from None
+                        f"to run on this machine{token_hint}") from None
     except Exception as err:  # noqa: BLE001 - ray raises many types for a bad address
         if address:
             raise UserError(f"cannot connect to Ray at --address {address} ({type(err).__name__}: "
@@ -166,7 +168,7 @@ def check_datasets(pending: list[Trial], fixed: dict, data_dir: str | None) -> N
     """Both splits of every dataset the pending trials use must load (downloaded once if missing);
     a missing dataset is one line naming it and how to get it, before any trial starts."""
     from trainables.config import resolve
-    from trainables.data import DatasetUnavailable, clear_cache, load_split
+    from trainables.data import DatasetUnavailable, clear_cache, default_data_dir, load_split
 
     names = sorted({t.config["dataset"] for t in pending}) or [resolve(fixed)["dataset"]]
     try:
@@ -174,7 +176,8 @@ def check_datasets(pending: list[Trial], fixed: dict, data_dir: str | None) -> N
             for train in (True, False):
                 load_split(name, train, data_dir, download=True)
     except DatasetUnavailable as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"{err} (the study looks for datasets in, and downloads them to, --data-dir: here "
+                        f"{data_dir or default_data_dir()})") from None
     finally:
         clear_cache()  # the driver trains nothing: do not keep the images
 
@@ -223,10 +226,7 @@ def _read_invocation(experiment_path: str) -> dict:
 def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutcome:
     # Per-epoch checkpoints of short trials are expected here, not a bottleneck worth a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from ray import tune
-
     from .summary import finish_study
-    from .trainable import StudyContext, run_trial
 
     storage = storage_mod.normalize(options.storage)
     resources = dict(spec.resources)
@@ -259,6 +259,11 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         if not ray.is_initialized():  # else check_cluster_resources asks the Ray we are part of
             check_local_gpus(resources)
         check_datasets(pending, spec.fixed, options.data_dir)
+    from ray import tune  # imported after the checks above: a bad input fails in a second or two
+
+    from .search import search_setup
+    from .trainable import StudyContext, run_trial
+
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow tracking store (default: sqlite:///mlflow.db in this directory)")
     parser.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
-    parser.add_argument("--resources", type=_parse_resources, metavar="cpu=N,gpu=M",
+    parser.add_argument("--resources", metavar="cpu=N,gpu=M",  # parsed in main: errors are one line
                         help="override the study's per-trial resources, e.g. cpu=1,gpu=0")
     parser.add_argument("--data-dir", default=os.environ.get("SSLROBUST_DATA_DIR"),
                         help="where datasets are found or downloaded (env SSLROBUST_DATA_DIR)")
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(and which are done); run nothing")
     parser.add_argument("--backfill-tracking", action="store_true", help="log results that exist in "
                         "Parquet but not in MLflow (after a tracking outage); train nothing")
+
+    def one_line_error(message: str):  # argparse's default prints the whole usage first
+        print(f"error: {message} (see python -m orchestrator.study --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = one_line_error
     return parser
 
 
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                             "`--list` shows them all")
         if args.max_concurrent is not None and args.max_concurrent < 1:
             raise UserError("--max-concurrent must be at least 1")
+        resources = _parse_resources(args.resources) if args.resources else None
         from .spec import load_study
 
         spec = load_study(args.study, args.scale, args.sets)
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_study(spec, RunOptions(
             storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
             max_concurrent=args.max_concurrent, resume=args.resume, dry_run=args.dry_run,
-            data_dir=args.data_dir, resources=args.resources,
+            data_dir=args.data_dir, resources=resources,
         ))
         return 1 if outcome.failed else 0
     except UserError as err:

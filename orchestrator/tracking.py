@@ -473,6 +473,18 @@ def ood_metric_name(ood_set: str, score: str, measure: str) -> str:
     return _clean_name(f"ood/{ood_set}/{score}/{measure}")
 
 
+def label_free_metric_name(measure: str, radius: float | None = None) -> str:
+    """``certified_acc/<radius>`` (radius compact: 0.25) for measure certified_acc, else
+    ``label_free/<measure>``, e.g. ``label_free/breakaway_risk``."""
+    if _missing(measure):
+        raise ValueError("a label-free metric needs 'measure'")
+    if measure == "certified_acc":
+        if _missing(radius):
+            raise ValueError("certified_acc needs a radius")
+        return _clean_name(f"certified_acc/{_compact_number(radius)}")
+    return _clean_name(f"label_free/{measure}")
+
+
 # --------------------------------------------------------------------------------------------
 # experiment and parent runs (driver side: raise TrackingError)
 # --------------------------------------------------------------------------------------------
@@ -876,6 +888,7 @@ def metrics_from_rows(rows: Iterable[dict]) -> dict[str, float]:
     * ``norm`` + ``eps_test`` (or ``eps``) -> ``robust_acc/<norm>/<eps>``
     * ``corruption`` + ``severity`` -> ``corruption_acc/<corruption>/<severity>``
     * ``ood_set`` + ``score`` + ``measure`` -> ``ood/<set>/<score>/<measure>`` (value in ``value``)
+    * ``measure`` alone (label-free rows) -> ``label_free/<measure>``, or ``certified_acc/<radius>``
     * ``clean_acc`` -> ``clean_acc``
     * a ``metric`` column names the value itself; columns already named like a metric
       (``robust_acc/linf/0.1``) are taken as they are.
@@ -897,6 +910,11 @@ def metrics_from_rows(rows: Iterable[dict]) -> dict[str, float]:
         elif row.get("ood_set") is not None:
             try:
                 name = ood_metric_name(row["ood_set"], row.get("score"), row.get("measure"))
+            except ValueError:
+                continue
+        elif row.get("measure") is not None and row.get("norm") is None and row.get("corruption") is None:
+            try:  # a label-free measure row (no ood_set)
+                name = label_free_metric_name(row["measure"], row.get("radius"))
             except ValueError:
                 continue
         elif row.get("norm") is None and row.get("corruption") is None:

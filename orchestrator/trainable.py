@@ -24,7 +24,7 @@ from trainables.train import Trainer
 from . import results
 from .pretrain import ensure_pretrained
 from .spec import config_hash
-from .tracking import TrialTracker, ood_metric_name, result_metric_name
+from .tracking import TrialTracker, label_free_metric_name, ood_metric_name, result_metric_name
 from .trial_plot import plot_trial_curve
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -60,8 +60,9 @@ def trial_config(params: dict, context: StudyContext) -> dict:
 
 
 def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
-    """The numbers a search optimises and the progress table shows (OOD measure rows ignored)."""
-    kept = [r for r in records if not _is_ood(r)]
+    """The numbers a search optimises and the progress table shows (OOD and label-free measure
+    rows ignored)."""
+    kept = [r for r in records if not _is_ood(r) and not _is_label_free(r)]
     adversarial = [r for r in kept if r["corruption"] is None and r["norm"] == config["norm_train"]]
     clean = (kept or records)[0]["clean_acc"] if records else float("nan")  # on every row
     above = [r["robust_acc"] for r in adversarial if r["eps_test"] >= config["eps_train"] - 1e-12]
@@ -78,13 +79,22 @@ def _is_ood(record: dict) -> bool:
     return value is not None and value == value  # None or NaN (pandas) means not an OOD row
 
 
+def _is_label_free(record: dict) -> bool:
+    """A label-free measure row: a measure without an OOD set (trainables.label_free)."""
+    value = record.get("measure")
+    return value is not None and value == value and not _is_ood(record)
+
+
 def result_metrics(records: list[dict]) -> dict[str, float]:
     """The MLflow metrics of a trial's records: robust_acc/<norm>/<eps>,
-    corruption_acc/<corruption>/<severity> and ood/<set>/<score>/<measure>."""
+    corruption_acc/<corruption>/<severity>, ood/<set>/<score>/<measure>, label_free/<measure> and
+    certified_acc/<radius>."""
     metrics = {}
     for r in records:
         if _is_ood(r):
             metrics[ood_metric_name(r["ood_set"], r["score"], r["measure"])] = r["value"]
+        elif _is_label_free(r):
+            metrics[label_free_metric_name(r["measure"], r.get("radius"))] = r["value"]
         else:
             metrics[result_metric_name(r["norm"], r["eps_test"], r["corruption"], r["severity"])] = r["robust_acc"]
     return metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -127,7 +128,9 @@ def test_resume_after_epoch_one_matches_an_uninterrupted_run(uninterrupted, tmp_
         for p in resumed.model.parameters():
             p.add_(0.01)
     resumed.generator.manual_seed(12345)
-    resumed.scheduler.step()
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        resumed.scheduler.step()
     resumed.load_state_dict(state)
     assert resumed.epoch == 1 and not resumed.done
     metrics = resumed.train_epoch()

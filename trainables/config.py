@@ -11,8 +11,13 @@ from typing import Any
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")
 ARCHS = ("small_cnn", "preact_resnet18", "wrn")
-SSL_TASKS = ("none", "rotation")
-ATTACK_VARIANTS = ("ce", "joint", "ssl")
+SSL_TASKS = ("none", "rotation", "contrastive", "inpainting")
+# Tasks a model can train with at once (`ssl_tasks: {task: weight}`) and use in the defence.
+MULTI_SSL_TASKS = ("rotation", "contrastive", "inpainting")
+DEFENCES = ("none", "ssl_reverse")
+# Default radius ε_r of the test-time SSL reversal defence (trainables.defence).
+DEFAULT_DEFENCE_EPS = {"mnist_family": 0.1, "cifar": 8 / 255}
+ATTACK_VARIANTS = ("ce", "joint", "ssl", "repr")
 NORMS = ("linf", "l2")
 TRAIN_ATTACKS = ("pgd", "fgsm")
 INITS = ("scratch", "ssl_pretrained")
@@ -78,6 +83,10 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "ssl_weight": (0.5, "float", "nonneg"),
     "rotations": ("one", "str", ROTATIONS),
     "ssl_perturbation": ("shared", "str", SSL_PERTURBATIONS),
+    # several SSL tasks at once, {task: weight}: the SSL loss is Σ w_t·SSL_t (ssl_task and
+    # ssl_weight are then not used); empty: the single ssl_task with ssl_weight, as before
+    "ssl_tasks": ({}, "dict[str,float]", MULTI_SSL_TASKS),
+    "contrastive_temperature": (0.2, "float", "pos"),  # NT-Xent temperature of the contrastive task
     # adversarial training
     "attack_variant": ("joint", "str", ATTACK_VARIANTS),
     "norm_train": ("linf", "str", NORMS),
@@ -101,10 +110,30 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "eval_batch_size": (500, "int", "pos"),
     "corruptions": ([], "list[str]", CORRUPTIONS),
     "corruption_severities": ([1, 2, 3, 4, 5], "list[int]", (1, 2, 3, 4, 5)),
+    # test-time defence (trainables.defence): ssl_reverse = before classifying, find r with
+    # ‖r‖∞ ≤ defence_eps minimising the weighted SSL losses of defence_tasks on x + r (PGD,
+    # defence_steps steps of defence_eps/4). Evaluated against the plain PGD (attack "pgd") and an
+    # adaptive PGD maximising CE + eval_adaptive_weight·SSL (attack "pgd_adaptive").
+    "defence": ("none", "str", DEFENCES),
+    "defence_eps": (None, "float?", "nonneg"),  # None: 0.1 for the MNIST family, 8/255 otherwise
+    "defence_steps": (10, "int", "pos"),
+    "defence_tasks": ([], "list[str]", MULTI_SSL_TASKS),  # empty: every task the model trains with
+    "eval_adaptive_weight": (1.0, "float", "nonneg"),  # λ_S of the adaptive attack
     # out-of-distribution detection (trainables.ood): records only when ood_sets is non-empty
     "ood_sets": ([], "list[str]", OOD_SETS),
     "ood_scores": (["msp", "rotation"], "list[str]", OOD_SCORES),
     "ood_examples": (None, "int?", "pos"),  # OOD images per set; None: as many as test images
+    # label-free robustness of the representation (trainables.label_free, trainables.smoothing):
+    # records only when label_free_eval is true
+    "label_free_eval": (False, "bool", None),
+    "label_free_eps": (None, "float?", "nonneg"),  # l∞ budget; None: 0.1 (MNIST family) or 8/255
+    "label_free_steps": (10, "int", "pos"),  # PGD steps of the representation attacks
+    "label_free_examples": (None, "int?", "pos"),  # test images used; None: all of test_subset
+    "smoothing_sigma": (0.25, "float", "pos"),  # randomized smoothing noise σ
+    "smoothing_n0": (20, "int", "pos"),  # selection samples (Cohen et al.: 100)
+    "smoothing_n": (100, "int", "pos"),  # estimation samples (Cohen et al.: 100,000; CPU default)
+    "smoothing_alpha": (0.001, "float", "pos"),  # failure probability of the certificate
+    "smoothing_radii": ([0.0, 0.25, 0.5, 0.75, 1.0], "list[float]", "nonneg"),
     # run
     "seed": (0, "int", "nonneg"),
 }
@@ -113,7 +142,17 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
 NON_SEMANTIC_KEYS = frozenset({"eval_batch_size"})
 # Keys added after results existed: left out of config hashes while they hold their default, so
 # every earlier configuration keeps its identity (and its results are not run again).
-HASH_NEUTRAL_DEFAULTS = frozenset({"label_noise", "ood_sets", "ood_scores", "ood_examples"})
+HASH_NEUTRAL_DEFAULTS = frozenset({
+    "label_noise", "ood_sets", "ood_scores", "ood_examples",
+    "ssl_tasks", "contrastive_temperature", "defence", "defence_eps", "defence_steps", "defence_tasks",
+    "eval_adaptive_weight",
+})
+
+# The label-free evaluation keys (trainables.label_free), added later still: hashed only when changed.
+HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
+    "label_free_eval", "label_free_eps", "label_free_steps", "label_free_examples", "smoothing_sigma",
+    "smoothing_n0", "smoothing_n", "smoothing_alpha", "smoothing_radii",
+})
 
 
 class ConfigError(ValueError):
@@ -172,6 +211,14 @@ def check_value(key: str, value: Any, where: str = "config") -> Any:
         if kind.endswith("?"):
             return None
         raise ConfigError(f"{where}: '{key}' must not be empty")
+    if kind.startswith("dict["):  # {name: number}, names from the constraint tuple
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping like {{rotation: 0.5}}, got {value!r}")
+        out = {}
+        for name, weight in value.items():
+            _check_scalar(key, name, "str", constraint, where)
+            out[name] = _check_number(key, weight, "float", "nonneg", f"{where} {key}.{name}")
+        return dict(sorted(out.items()))
     if kind.startswith("list["):
         elem = kind[5:].split("]")[0]
         if not isinstance(value, (list, tuple)):
@@ -213,6 +260,26 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
         full[key] = sorted(set(float(e) for e in full[key]))
     if full["ssl_task"] == "none" and full["attack_variant"] == "ssl":
         raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task; set ssl_task: rotation")
+    if full["ssl_tasks"] and full["attack_variant"] == "ssl" and not any(full["ssl_tasks"].values()):
+        raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task with a weight > 0 in ssl_tasks")
+    full["defence_tasks"] = list(dict.fromkeys(full["defence_tasks"]))
+    if full["defence"] != "none":
+        trained = model_ssl_tasks(full)
+        tasks = full["defence_tasks"] or trained
+        if not tasks:
+            raise ConfigError(f"{where}: defence '{full['defence']}' needs SSL heads; set ssl_task or ssl_tasks")
+        missing = [t for t in tasks if t not in trained]
+        if missing:
+            raise ConfigError(
+                f"{where}: defence task '{missing[0]}' is not one the model trains with "
+                f"({', '.join(trained) or 'none'}); add it to ssl_tasks or drop it from defence_tasks"
+            )
+    if not 0 < full["smoothing_alpha"] < 0.5:
+        raise ConfigError(f"{where}: 'smoothing_alpha' must be in (0, 0.5), got {full['smoothing_alpha']!r}")
+    if full["smoothing_radii"] != SCHEMA["smoothing_radii"][0]:  # one record per radius: no repeats
+        full["smoothing_radii"] = sorted(set(float(r) for r in full["smoothing_radii"]))
+    if full["label_free_eval"] and full["label_free_examples"] == 1:
+        raise ConfigError(f"{where}: 'label_free_examples' must be >= 2 (pairs of test images are compared)")
     for key in ("ood_sets", "ood_scores"):  # one record per set × score × measure: no repeats
         full[key] = list(dict.fromkeys(full[key]))
     if full["ood_sets"]:
@@ -227,6 +294,17 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
                 f"drop it from ood_sets"
             )
     return full
+
+
+def model_ssl_tasks(config: dict[str, Any]) -> list[str]:
+    """The SSL tasks (heads) a resolved config trains: the keys of ssl_tasks, else ssl_task."""
+    if config.get("ssl_tasks"):
+        return [t for t in MULTI_SSL_TASKS if t in config["ssl_tasks"]]
+    return [] if config["ssl_task"] == "none" else [config["ssl_task"]]
+
+
+def default_defence_eps(dataset: str) -> float:
+    return DEFAULT_DEFENCE_EPS["mnist_family" if dataset in MNIST_FAMILY else "cifar"]
 
 
 def default_eps_grid(dataset: str, norm: str) -> list[float]:

@@ -4,7 +4,9 @@ Every record has the same keys (`RECORD_KEYS`), so the orchestrator writes them 
 are: adversarial rows carry norm/eps_test and leave corruption/severity empty, corruption rows the
 other way round. Out-of-distribution rows (`trainables.ood`, when `ood_sets` is non-empty) leave
 all four empty and carry ood_set, score, measure and value instead (robust_acc empty); the other
-rows leave those four empty.
+rows leave those four empty. With a test-time defence (`defence` other than "none",
+trainables.defence) the defended rows come last and carry one more key, `defence`; rows without it
+are undefended.
 """
 from __future__ import annotations
 
@@ -134,4 +136,16 @@ def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict, data_d
         if clean_acc is None:
             clean_acc = (predictions(model, x, config["eval_batch_size"]) == y).float().mean().item()
         records += ood_records(model, x, config, data_dir=data_dir, clean_acc=clean_acc)
+    if config.get("label_free_eval"):
+        # label-free measure rows (trainables.label_free): measure/value, plus `radius` for the
+        # certified accuracy of randomized smoothing; norm, eps_test, ood_set and robust_acc empty
+        from .label_free import label_free_records
+
+        if clean_acc is None:
+            clean_acc = (predictions(model, x, config["eval_batch_size"]) == y).float().mean().item()
+        records += label_free_records(model, x, y, config, clean_acc=clean_acc)
+    if config.get("defence", "none") != "none":
+        from .defence import defended_records
+
+        records += defended_records(model, x, y, config)
     return records

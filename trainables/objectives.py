@@ -4,6 +4,10 @@
 | ce      | CE                            | CE(x_adv) + λ·SSL(x_adv)   |
 | joint   | CE + λ·SSL                    | CE(x_adv) + λ·SSL(x_adv)   |
 | ssl     | SSL only (label-free)         | CE(x_adv) + λ·SSL(x_adv)   |
+| repr    | ‖f(x_adv) − f(x)‖² (label-free) | CE(x_adv) + λ·SSL(x_adv) |
+
+`repr` (Petrov and Kwiatkowska's unsupervised attack used for training): f = model.features, f(x) of
+the clean attack input computed once and detached (`clean_representation`).
 
 The classifier and the SSL head share one forward pass over the image and its SSL views, so the
 joint objective costs one network evaluation on the stacked batch, not two.
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import Objective
+from .ssl import RotationPrediction, task_loss_from_features
 
 
 @dataclass
@@ -54,7 +59,7 @@ def compute_losses(model, x_in: torch.Tensor, y: torch.Tensor, ssl: SSLBatch | N
         clean_features, view_features = features[:n], features[n:]
     else:
         views = ssl.task.views(x_in, ssl.labels)
-        if ssl.task.copies() == 4:
+        if ssl.task.copies() == 4 and isinstance(ssl.task, RotationPrediction):
             # The first of the four rotated copies is the unrotated image: reuse its features.
             view_features = model.features(views)
             clean_features = view_features[:n]
@@ -63,11 +68,30 @@ def compute_losses(model, x_in: torch.Tensor, y: torch.Tensor, ssl: SSLBatch | N
             clean_features, view_features = features[:n], features[n:]
     logits = model.head(clean_features)
     ce = F.cross_entropy(logits.float(), y, reduction="none")
-    return Losses(logits, ce, ssl.task.loss_from_features(model, view_features, ssl.labels))
+    # Tasks such as inpainting also need the (perturbed) image itself for their target.
+    return Losses(logits, ce, task_loss_from_features(ssl.task, model, view_features, ssl.labels, x_in[:n]))
 
 
-def attack_objective(variant: str, ssl: SSLBatch | None) -> Objective:
-    """The per-example objective the training attack maximises under `variant`."""
+def clean_representation(model, x_in: torch.Tensor) -> torch.Tensor:
+    """f(x) of the clean attack input, detached: the anchor of the `repr` objective."""
+    with torch.no_grad():
+        return model.features(x_in).detach()
+
+
+def attack_objective(variant: str, ssl: SSLBatch | None, clean_features: torch.Tensor | None = None) -> Objective:
+    """The per-example objective the training attack maximises under `variant` (`repr` needs
+    `clean_features`, from `clean_representation` on the clean attack input)."""
+    if variant == "repr":
+        if clean_features is None:
+            raise ValueError("attack variant 'repr' needs the clean features (clean_representation)")
+        anchor = clean_features.detach()
+
+        def repr_objective(model, x_in, y):
+            distance = (model.features(x_in).float() - anchor.float()).flatten(1).pow(2).sum(1)
+            # stacked input [x, views] (copy-major): one value per example, summed over its copies
+            return distance.view(-1, y.shape[0]).sum(0)
+
+        return repr_objective
     if variant == "ce" or ssl is None:
 
         def ce_objective(model, x_in, y):
@@ -88,7 +112,7 @@ def attack_objective(variant: str, ssl: SSLBatch | None) -> Objective:
         def ssl_objective(model, x_in, y):
             if ssl.stacked:
                 n = y.shape[0]
-                return ssl.task.loss_from_features(model, model.features(x_in[n:]), ssl.labels)
+                return task_loss_from_features(ssl.task, model, model.features(x_in[n:]), ssl.labels, x_in[:n])
             return ssl.task.loss(model, x_in, ssl.labels)
 
         return ssl_objective

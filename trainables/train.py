@@ -23,7 +23,7 @@ from .evaluate import evaluate_model, predictions
 from .label_noise import corrupt_labels, label_noise_generator
 from .models import backbone_state, build_model, load_backbone
 from .objectives import SSLBatch, attack_objective, stack_inputs, update_loss
-from .ssl import attach_head, build_task
+from .ssl import attach_head, build_task, task_from_config  # noqa: F401 - build_task re-exported
 
 # Keys that decide the SSL pre-training a fine-tuning run starts from (its cache key).
 PRETRAIN_KEYS = (
@@ -92,7 +92,8 @@ class Trainer:
             check_available(cfg["ood_sets"], self.train_data.info, data_dir)
         torch.manual_seed(cfg["seed"])  # model initialisation
         model = build_model(cfg["arch"], self.train_data.info, depth=cfg["depth"], width=cfg["width"])
-        self.task = build_task(cfg["ssl_task"], cfg["rotations"])
+        # ssl_task with ssl_weight, or several tasks at once (ssl_tasks: λ = 1, weights inside)
+        self.task, self.ssl_weight = task_from_config(cfg)
         attach_head(model, self.task)
         if cfg["init"] == "ssl_pretrained":
             if pretrained is None:
@@ -115,17 +116,25 @@ class Trainer:
 
     def _ssl_batch(self, n: int) -> SSLBatch | None:
         cfg = self.config
-        if self.task is None or (cfg["ssl_weight"] == 0 and cfg["attack_variant"] != "ssl"):
+        if self.task is None or (self.ssl_weight == 0 and cfg["attack_variant"] != "ssl"):
             return None
         labels = self.task.sample(n, self.generator, self.device)
-        return SSLBatch(self.task, cfg["ssl_weight"], labels, cfg["ssl_perturbation"] == "independent")
+        return SSLBatch(self.task, self.ssl_weight, labels, cfg["ssl_perturbation"] == "independent")
 
     def _adversarial(self, x_in, y, ssl):
         cfg = self.config
         eps = cfg["eps_train"]
         if eps == 0:
             return x_in
-        objective = attack_objective(cfg["attack_variant"], ssl)
+        clean = None
+        if cfg["attack_variant"] == "repr":  # the anchor f(x), once per batch, in the attack's BN mode
+            from .attacks import batchnorm_mode
+            from .objectives import clean_representation
+
+            with batchnorm_mode(self.model, cfg["train_bn_mode"]):
+                clean = clean_representation(self.model, x_in)
+        objective = (attack_objective(cfg["attack_variant"], ssl, clean) if clean is not None
+                     else attack_objective(cfg["attack_variant"], ssl))
         if cfg["train_attack"] == "fgsm":
             return fgsm(self.model, x_in, y, objective, cfg["norm_train"], eps,
                         random_start=cfg["train_random_start"], bn_mode=cfg["train_bn_mode"],
@@ -244,7 +253,7 @@ def pretrain_rotation(config: dict, data_dir: str | None = None, device: str = "
             trainer.optimizer.step()
             trainer.scheduler.step()
         if progress is not None:
-            progress(epoch + 1, float(loss))
+            progress(epoch + 1, float(loss.detach()))
     return {
         "backbone": {k: v.detach().cpu() for k, v in backbone_state(model).items()},
         "ssl_head": {k: v.detach().cpu() for k, v in model.ssl_heads["rotation"].state_dict().items()},

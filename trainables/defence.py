@@ -1,0 +1,151 @@
+"""Test-time defence by SSL reversal (Mao et al. 2021; multi-task: Lawhon, Mao and Yang 2022).
+
+Before classifying an image x, find r with ‖r‖∞ ≤ ε_r (and x + r in [0, 1]) that *minimises* the
+weighted sum of the model's self-supervised losses on x + r, by PGD (signed gradient descent from
+r = 0, `steps` steps of `step_size`), then classify x + r. An attack pushes images off the data
+manifold, which raises the SSL losses; reversing that rise moves the image back.
+
+Evaluation (`defended_records`), for each norm and ε_test of the evaluation grid:
+- attack "pgd": the plain attack, unaware of the defence: PGD on the cross-entropy of the
+  undefended model, then defend and classify;
+- attack "pgd_adaptive": PGD on CE − λ_S·SSL, i.e. the attack also keeps the SSL losses low, so
+  the adversarial image looks natural to the SSL tasks and the reversal has little to undo
+  (the adaptive attack of Mao et al. 2021, λ_S = `eval_adaptive_weight`); then defend and classify.
+Rows carry defence = "ssl_reverse"; ε_test = 0 is the defended clean accuracy (attack "none").
+Such defences change the input at test time by an optimisation of their own, so RobustBench's
+standard (AutoAttack on a fixed model) protocol does not apply to them: see README.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attacks import batchnorm_mode, pgd, random_delta
+from .config import default_defence_eps, model_ssl_tasks
+from .ssl import MultiTask, build_task
+
+
+def defence_task(config: dict, model=None) -> MultiTask:
+    """The weighted SSL tasks the defence minimises: `defence_tasks` (empty: every task the model
+    trains with), weighted as in training (a single ssl_task: weight 1). Rotation uses all four
+    rotations at test time (an exact loss, no random labels)."""
+    trained = model_ssl_tasks(config)
+    names = list(config.get("defence_tasks") or trained)
+    if config.get("ssl_tasks"):
+        weights = [float(config["ssl_tasks"][n]) for n in names]
+    else:
+        weights = [1.0] * len(names)
+    tasks = [build_task(n, "all", config.get("contrastive_temperature", 0.2)) for n in names]
+    if model is not None:
+        missing = [n for n in names if n not in model.ssl_heads]
+        if missing:
+            raise ValueError(f"the model has no '{missing[0]}' head for the defence")
+    return MultiTask(tasks, weights)
+
+
+def ssl_loss(model, x: torch.Tensor, task: MultiTask, labels) -> torch.Tensor:
+    """Per-example weighted SSL loss Σ w_t·SSL_t(x) (N,)."""
+    return task.loss(model, x, labels)
+
+
+def ssl_reverse(model, x: torch.Tensor, tasks_weights, eps: float, steps: int = 10,
+                step_size: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + r with ‖r‖∞ ≤ eps, x + r in [0, 1], r from PGD *descent* on the weighted SSL loss.
+
+    `tasks_weights`: a MultiTask, or a list of (task, weight) pairs. The tasks' random choices
+    (contrastive views) are drawn once from `generator`, so all steps minimise the same loss.
+    Runs the model in eval mode; returns a detached tensor.
+    """
+    if not isinstance(tasks_weights, MultiTask):
+        pairs = list(tasks_weights.items() if isinstance(tasks_weights, dict) else tasks_weights)
+        tasks_weights = MultiTask([t for t, _ in pairs], [w for _, w in pairs])
+    x = x.detach()
+    if eps == 0 or steps == 0:
+        return x.clone()
+    step_size = eps / 4 if step_size is None else step_size
+    labels = tasks_weights.sample(len(x), generator, x.device)
+    delta = torch.zeros_like(x)
+    with batchnorm_mode(model, "eval"):
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                loss = tasks_weights.loss(model, x + delta, labels)
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                delta = (delta - step_size * grad.sign()).clamp(-eps, eps)
+                delta = (x + delta).clamp(0.0, 1.0) - x
+    return (x + delta).detach()
+
+
+def adaptive_objective(task: MultiTask, weight: float, labels):
+    """The adaptive attack's objective CE − λ_S·SSL: fool the classifier while keeping the SSL
+    losses low, so the reversal finds little to undo."""
+
+    def objective(model, x_adv, y):
+        n = y.shape[0]
+        views = task.views(x_adv, labels)
+        features = model.features(torch.cat([x_adv, views]))
+        ce = F.cross_entropy(model.head(features[:n]).float(), y, reduction="none")
+        return ce - weight * task.loss_from_features(model, features[n:], labels, x=x_adv)
+
+    return objective
+
+
+@torch.no_grad()
+def _classify(model, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1)
+
+
+def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> list[dict]:
+    """Records (evaluate.RECORD_KEYS + defence) of the defended model: ε_test = 0 (defended clean
+    accuracy) and, for every ε_test > 0, the plain ("pgd") and adaptive ("pgd_adaptive") attack."""
+    from .evaluate import _record, _seed_for
+
+    model.eval()
+    task = defence_task(config, model)
+    eps_r = config["defence_eps"] if config.get("defence_eps") is not None else default_defence_eps(config["dataset"])
+    steps_r = config["defence_steps"]
+    batch_size = config["eval_batch_size"]
+    seed = config["seed"]
+    lam = config["eval_adaptive_weight"]
+
+    def defend_and_classify(images: torch.Tensor, salt: int) -> torch.Tensor:
+        generator = torch.Generator(device=images.device).manual_seed((seed * 7_919 + salt) % (2**63))
+        out = []
+        for i in range(0, len(images), batch_size):
+            defended = ssl_reverse(model, images[i : i + batch_size], task, eps_r, steps_r, eps_r / 4, generator)
+            out.append(_classify(model, defended))
+        return torch.cat(out)
+
+    clean_correct = defend_and_classify(x, 0) == y
+    clean_acc = clean_correct.float().mean().item()
+    records = []
+    for norm in config["eval_norms"]:
+        for eps in sorted(float(e) for e in config[f"eval_eps_{norm}"]):
+            if eps == 0:
+                records.append(dict(_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc),
+                                    defence=config["defence"]))
+                continue
+            steps = config["eval_attack_steps"]
+            step_size = config["eval_step_size_factor"] * eps / steps
+            for attack in ("pgd", "pgd_adaptive"):
+                generator = torch.Generator(device=x.device).manual_seed(_seed_for(seed, norm, eps))
+                starts = random_delta(x.shape, norm, eps, x.device, generator)
+                adversarial = []
+                for i in range(0, len(x), batch_size):
+                    xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+                    if attack == "pgd":
+                        objective = None
+                    else:
+                        objective = adaptive_objective(task, lam, task.sample(len(xb), generator, x.device))
+                    kwargs = {} if objective is None else {"objective": objective}
+                    adversarial.append(pgd(model, xb, yb, norm=norm, eps=eps, step_size=step_size, steps=steps,
+                                           random_start=True, restarts=config["eval_restarts"], bn_mode="eval",
+                                           generator=generator, init=starts[i : i + batch_size], **kwargs))
+                correct = defend_and_classify(torch.cat(adversarial), int(round(eps * 1e6)) + 1) == y
+                records.append(dict(
+                    _record(norm, eps, attack, steps, step_size, config["eval_restarts"], len(x), clean_acc,
+                            correct.float().mean().item()),
+                    defence=config["defence"],
+                ))
+    return records
