@@ -81,10 +81,14 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 
 def ratio_line(label: str, times: dict[str, list[float]], num: str, den: str) -> tuple[float, str]:
-    """The ratio of medians num/den, in wall time (the headline) and in CPU time."""
-    wall = median(times[num]) / median(times[den])
+    """num/den as the median of the paired ratios (run i of num against run i of den, measured back
+    to back, so both saw about the same load from other processes): the headline figure. Also
+    reported: the ratio of the fastest runs, and of the median process CPU times."""
+    paired = median([a / b for a, b in zip(times[num], times[den])])
+    fastest = min(times[num]) / min(times[den])
     cpu = median(times[num + ":cpu"]) / median(times[den + ":cpu"])
-    return wall, f"{label} = {wall:.3f} wall-clock (CPU time: {cpu:.3f})"
+    return paired, (f"{label} = {paired:.3f} (median of {len(times[num])} paired wall-clock ratios; "
+                    f"fastest runs {fastest:.3f}; CPU time {cpu:.3f})")
 
 
 def median(values: list[float]) -> float:

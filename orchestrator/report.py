@@ -242,7 +242,9 @@ def prepare(df: pd.DataFrame) -> StudyData:
     is_cor = d["corruption"].notna()
     is_ood = d["ood_set"].notna() if "ood_set" in d.columns else pd.Series(False, index=d.index)
     is_lf = (d["measure"].notna() & ~is_ood) if "measure" in d.columns else pd.Series(False, index=d.index)
-    adv_raw = d[~is_cor & ~is_ood & ~is_lf].copy()
+    # rows behind a test-time defence (trainables.defence) have their own figure (plot_defence)
+    is_def = defended_rows(d)
+    adv_raw = d[~is_cor & ~is_ood & ~is_lf & ~is_def].copy()
     cor_raw = d[is_cor].copy()
     adv_raw["norm"] = adv_raw["norm"].astype(object)
     cor_raw["corruption"] = cor_raw["corruption"].astype(object)
@@ -259,7 +261,7 @@ def prepare(df: pd.DataFrame) -> StudyData:
 
     adv = seed_level(adv_raw, train_keys + list(ADV_EVAL_COLUMNS))
     cor = seed_level(cor_raw, train_keys + list(CORRUPTION_EVAL_COLUMNS))
-    clean = d.groupby(train_keys + ["seed"], dropna=False, sort=True)["clean_acc"].mean().reset_index()
+    clean = d[~is_def].groupby(train_keys + ["seed"], dropna=False, sort=True)["clean_acc"].mean().reset_index()
     ood_keys = train_keys + list(OOD_EVAL_COLUMNS)
     ood_raw = d[is_ood].copy()
     if ood_raw.empty:
@@ -877,6 +879,87 @@ def ood_display(table: pd.DataFrame, train_keys: list[str]) -> pd.DataFrame:
     return shown
 
 
+def defended_rows(df: pd.DataFrame) -> pd.Series:
+    """Rows of a model behind a test-time defence (column `defence` set and not "none")."""
+    if "defence" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["defence"].notna() & (df["defence"].astype(object) != "none")
+
+
+def _model_tasks(cfg: dict) -> list[str]:
+    if cfg.get("ssl_tasks"):
+        return [t for t in ("rotation", "contrastive", "inpainting") if t in cfg["ssl_tasks"]]
+    task = cfg.get("ssl_task", "none")
+    return [] if task == "none" else [task]
+
+
+def defence_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy against ε_test per trained model × defence × attack (plain or adaptive), mean and 95%
+    t-interval over seeds; empty when the study has no defended rows. Only trials with a defence
+    are shown, their undefended rows as defence "none"; ε_test = 0 starts both attack curves."""
+    if not defended_rows(df).any():
+        return pd.DataFrame()
+    d = df[df["norm"].notna() & df["corruption"].isna()].copy()
+    if "ood_set" in d.columns:
+        d = d[d["ood_set"].isna()]
+    if "measure" in d.columns:
+        d = d[d["measure"].isna()]
+    configs = {h: json.loads(t) for h, t in d.drop_duplicates("config_hash")[["config_hash", "config_json"]].itertuples(index=False)}
+    keep = {h for h, c in configs.items() if c.get("defence", "none") != "none"}
+    d = d[d["config_hash"].isin(keep)]
+    rows = []
+    for r in d.itertuples(index=False):
+        cfg = configs[r.config_hash]
+        defended = isinstance(r.defence, str) and r.defence != "none"
+        model = "+".join(_model_tasks(cfg)) or "none"
+        setting = f"{r.defence} ({'+'.join(cfg.get('defence_tasks') or _model_tasks(cfg))})" if defended else "none"
+        attacks = ["plain", "adaptive"] if r.attack == "none" and defended else \
+            ["adaptive" if r.attack == "pgd_adaptive" else "plain"]
+        for attack in attacks:
+            rows.append(dict(dataset=r.dataset, model=model, defence=setting, attack=attack, norm=r.norm,
+                             eps_test=round(float(r.eps_test), 10), seed=int(r.seed), robust_acc=float(r.robust_acc)))
+    seed_level = pd.DataFrame(rows).groupby(["dataset", "model", "defence", "attack", "norm", "eps_test", "seed"],
+                                            sort=True)["robust_acc"].mean().reset_index()
+    out = []
+    for key, g in seed_level.groupby(["dataset", "model", "defence", "attack", "norm", "eps_test"], sort=True):
+        mean, ci, n = mean_ci(g["robust_acc"])
+        out.append(dict(zip(["dataset", "model", "defence", "attack", "norm", "eps_test"], key),
+                        mean=mean, ci95=ci, n_seeds=n))
+    return pd.DataFrame(out)
+
+
+def plot_defence(table: pd.DataFrame) -> Figure | None:
+    """Accuracy against ε_test, a panel per dataset × norm, a colour per trained model × defence;
+    solid: the plain attack (unaware of the defence), dashed: the adaptive attack."""
+    if table.empty:
+        return None
+    panels = sorted(table.groupby(["dataset", "norm"]).groups)
+    fig, axes = _new_figure(1, len(panels), w=6.5, h=5.0)
+    short = lambda text: text.replace("rotation", "rot").replace("contrastive", "con").replace("inpainting", "inp")  # noqa: E731
+    palette = [f"C{i}" for i in range(10)]
+    curves = sorted(table.groupby(["model", "defence"]).groups)
+    colors = {c: palette[i % len(palette)] for i, c in enumerate(curves)}
+    for ax, (dataset, norm) in zip(axes[0], panels):
+        sel = table[(table["dataset"] == dataset) & (table["norm"] == norm)]
+        for (model, defence, attack), c in sorted(sel.groupby(["model", "defence", "attack"])):
+            c = c.sort_values("eps_test")
+            x, y, ci = (c[k].to_numpy(float) for k in ("eps_test", "mean", "ci95"))
+            color = colors[(model, defence)]
+            ax.plot(x, y, marker="o", ms=3, lw=1.5, color=color, ls="--" if attack == "adaptive" else "-",
+                    label=f"trained {short(model)}: {short(defence)}, {attack} ({int(c['n_seeds'].max())} seeds)")
+            if np.isfinite(ci).any():
+                ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+        _eps_ticks(ax, sorted(set(sel["eps_test"])), dataset)
+        ax.set_title(f"{dataset}, {norm}", fontsize=9)
+        ax.set_xlabel("ε_test (attack strength)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig.suptitle("Test-time SSL-reversal defence\nsolid: plain PGD, dashed: adaptive PGD", fontsize=10)
+    return fig
+
+
 def plot_ood_auroc(agg_ood: pd.DataFrame, train_keys: list[str]) -> Figure | None:
     """AUROC per OOD set (groups of bars), a bar per λ, one panel per score (columns) × any other
     swept factor (rows); error bars: 95% t-interval over seeds; dotted line: chance (0.5)."""
@@ -1240,6 +1323,12 @@ def build_report(
          "Clean test accuracy (test labels are never corrupted) against the fraction p of training labels "
          "replaced by a random other class; one curve per λ × init (dashed: SSL pre-trained). "
          "Shaded: 95% t-interval over seeds."),
+        ("defence", "Test-time defence: SSL reversal", plot_defence(defence_table(df)),
+         "Accuracy against ε_test of the models of trials evaluated with a test-time defence: defence none "
+         "(the same model undefended) vs SSL reversal with the model's SSL tasks. Solid: the plain PGD "
+         "(attacks the undefended model, then the defence runs); dashed: the adaptive PGD (maximises "
+         "CE − λ_S·SSL, so the attacked image also looks natural to the SSL tasks). Such defences are not "
+         "eligible for RobustBench's standard AutoAttack protocol (see README). Shaded: 95% t-interval over seeds."),
         ("certified_accuracy", "Label-free robustness: certified accuracy", plot_certified_accuracy(agg_lf, tk),
          "Randomized smoothing (Cohen et al. 2019, CERTIFY): the fraction of test images the smoothed "
          "classifier predicts correctly with a certified l2 radius of at least r; one curve per λ × attack "

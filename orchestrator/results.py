@@ -13,6 +13,8 @@ score x measure (``norm``, ``eps_test``, ``corruption``, ``severity`` null, ``at
 (`trainables.label_free`) gives measure rows with ``ood_set`` null too (e.g. "breakaway_risk"), and
 "certified_acc" rows with the certified radius in ``radius``. ``robust_acc`` may only be
 empty on measure rows. Files written before a nullable column existed read with it empty.
+Rows of a trial evaluated with a test-time defence carry ``defence`` (e.g. "ssl_reverse") and
+the attack that produced them (``attack`` "pgd" or "pgd_adaptive"); ``defence`` null = undefended.
 
 ``study`` is stored in every file as well as in the partition directory name, so a file is
 self-describing; `load` always returns the directory's study name (the partition is authoritative).
@@ -78,6 +80,10 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("value", pa.float64(), True),  # measure rows: the measured number; else null
     # label-free measure rows (ood_set null): the certified l2 radius of measure certified_acc; else null
     ("radius", pa.float64(), True),
+    # test-time defence of the row (trainables.defence), e.g. "ssl_reverse"; null: undefended
+    # (every row written before the column existed). Defended rows name their attack in `attack`:
+    # "pgd" (plain, unaware of the defence), "pgd_adaptive", or "none" at ε_test = 0.
+    ("defence", pa.string(), True),
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
     ("git_sha", pa.string(), True),
@@ -90,7 +96,7 @@ COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 REQUIRED_COLUMNS: frozenset[str] = frozenset(n for n, _, nullable in COLUMN_SPECS if not nullable)
 KEY_COLUMNS: tuple[str, ...] = (
     "config_hash", "norm", "eps_test", "corruption", "severity", "ood_set", "score", "measure",
-    "radius",
+    "radius", "attack", "defence",
 )
 PARTITION_KEY = "study"
 

@@ -16,7 +16,8 @@ def robustness_table(spec, table) -> str:
         return "(no results yet)"
     configs = table["config_json"].map(json.loads)
     norm_train = configs.map(lambda c: c["norm_train"])
-    adv = table[table["corruption"].isna() & (table["norm"] == norm_train)].copy()
+    undefended = table["defence"].isna() if "defence" in table.columns else True  # defence_table below
+    adv = table[table["corruption"].isna() & (table["norm"] == norm_train) & undefended].copy()
     if adv.empty:
         return "(no adversarial results)"
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
@@ -36,6 +37,32 @@ def robustness_table(spec, table) -> str:
             row.append("–" if n == 0 else f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}")
         lines.append([str(v) for v in row])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    rendered.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(rendered)
+
+
+def defence_text(table) -> str | None:
+    """Accuracy against ε_test behind a test-time defence, per trained model × defence × attack
+    (plain / adaptive); None when the study has no defended rows."""
+    from .report import defence_table
+
+    agg = defence_table(table)
+    if agg.empty:
+        return None
+    eps_values = sorted(agg["eps_test"].unique())
+    lines = [["model", "defence", "attack", "norm", *(f"ε={e:g}" for e in eps_values)]]
+    for key, group in agg.groupby(["model", "defence", "attack", "norm"], sort=True):
+        row = list(key)
+        for eps in eps_values:
+            sel = group[group["eps_test"] == eps]
+            if sel.empty:
+                row.append("–")
+                continue
+            mean, half = float(sel["mean"].iloc[0]), float(sel["ci95"].iloc[0])
+            row.append(f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}")
+        lines.append([str(v) for v in row])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     rendered.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(rendered)
@@ -94,6 +121,12 @@ def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, ou
     print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
     print(robustness_table(spec, table), file=out)
     print("", file=out)
+    defended = defence_text(table)
+    if defended is not None:
+        print(f"accuracy behind the test-time defence ({spec.name}; plain PGD vs adaptive PGD; mean ± 95% CI):",
+              file=out)
+        print(defended, file=out)
+        print("", file=out)
     ood_text = ood_auroc_table(spec, table)
     if ood_text:
         print(f"OOD detection AUROC ({spec.name}; set/score; in-distribution test images vs the set; "

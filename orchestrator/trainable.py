@@ -62,7 +62,7 @@ def trial_config(params: dict, context: StudyContext) -> dict:
 def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
     """The numbers a search optimises and the progress table shows (OOD and label-free measure
     rows ignored)."""
-    kept = [r for r in records if not _is_ood(r) and not _is_label_free(r)]
+    kept = [r for r in records if not _is_ood(r) and not _is_label_free(r) and not _is_defended(r)]
     adversarial = [r for r in kept if r["corruption"] is None and r["norm"] == config["norm_train"]]
     clean = (kept or records)[0]["clean_acc"] if records else float("nan")  # on every row
     above = [r["robust_acc"] for r in adversarial if r["eps_test"] >= config["eps_train"] - 1e-12]
@@ -77,6 +77,18 @@ def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
 def _is_ood(record: dict) -> bool:
     value = record.get("ood_set")
     return value is not None and value == value  # None or NaN (pandas) means not an OOD row
+
+
+def _is_defended(record: dict) -> bool:
+    """A row of the model behind a test-time defence (trainables.defence); null/"none": undefended."""
+    value = record.get("defence")
+    return value is not None and value == value and value != "none"
+
+
+def defended_metric_name(record: dict) -> str:
+    """``defended_acc/<defence>/<attack>/<norm>/<eps>``, e.g. defended_acc/ssl_reverse/pgd_adaptive/linf/0.1."""
+    plain = result_metric_name(record["norm"], record["eps_test"], None, None)  # robust_acc/<norm>/<eps>
+    return f"defended_acc/{record['defence']}/{record['attack']}/" + plain.split("/", 1)[1]
 
 
 def _is_label_free(record: dict) -> bool:
@@ -95,6 +107,8 @@ def result_metrics(records: list[dict]) -> dict[str, float]:
             metrics[ood_metric_name(r["ood_set"], r["score"], r["measure"])] = r["value"]
         elif _is_label_free(r):
             metrics[label_free_metric_name(r["measure"], r.get("radius"))] = r["value"]
+        elif _is_defended(r):
+            metrics[defended_metric_name(r)] = r["robust_acc"]
         else:
             metrics[result_metric_name(r["norm"], r["eps_test"], r["corruption"], r["severity"])] = r["robust_acc"]
     return metrics

@@ -11,9 +11,15 @@ def plot_trial_curve(records: list[dict], config: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for norm in config["eval_norms"]:
         points = sorted((r["eps_test"], r["robust_acc"]) for r in records
-                        if r["corruption"] is None and r["norm"] == norm)
+                        if r["corruption"] is None and r["norm"] == norm and not r.get("defence"))
         if points:
             ax.plot(*zip(*points), marker="o", label=f"PGD {norm}")
+        for attack, style in (("pgd", "-"), ("pgd_adaptive", "--")):  # behind a test-time defence
+            defended = sorted((r["eps_test"], r["robust_acc"]) for r in records
+                              if r.get("defence") and r["norm"] == norm and r["attack"] in (attack, "none"))
+            if len(defended) > 1:
+                name = next(r["defence"] for r in records if r.get("defence"))
+                ax.plot(*zip(*defended), linestyle=style, marker="x", label=f"{name}, {attack} {norm}")
     ax.axvline(config["eps_train"], color="grey", linestyle="--", label=f"ε_train = {config['eps_train']:g}")
     ax.set_xlabel("ε_test")
     ax.set_ylabel("robust accuracy")

@@ -318,6 +318,13 @@ def test_sigkill_of_a_trial_worker_resumes_from_its_last_checkpoint(ws):
 # 2. the driver is SIGKILLed mid-study
 # --------------------------------------------------------------------------------------------
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # an older checkpoint Tune just deleted
+        return float("inf")
+
+
 def _checkpoint_hash(trial_dir: Path) -> str | None:
     import torch
 
@@ -335,14 +342,17 @@ def test_sigkill_of_the_driver_then_resume_or_plain_rerun_finishes_the_rest(ws, 
     proc = ws.start("dkill", "--max-concurrent", "1", log="first")
 
     def mid_study():
-        # A trial has finished and a later one has its second checkpoint (a finished trial keeps
-        # its last one). The second: Tune's experiment state, which --resume restores, records a
-        # trial's checkpoint a moment after the checkpoint reaches the disk; by the next epoch
-        # the first one is surely in it.
+        # A trial has finished, and a later one has a checkpoint that Tune's experiment state (what
+        # --resume restores) already knows: the state was saved after that checkpoint was written.
+        # (A finished trial keeps its last checkpoint, so it counts once among them.)
         done = ws.result_files("dkill")
-        later = {p.parent.parent for p in ws.tune_files("dkill", "checkpoint_*/trial_state.pt")
-                 if p.parent.name != "checkpoint_000000"}
-        return done and len(later) > len(done)
+        states = sorted(ws.storage.glob("tune/dkill-*/experiment_state-*.json"))
+        if not done or not states:
+            return False
+        saved = _mtime(states[-1])
+        known = {p.parent.parent for p in ws.tune_files("dkill", "checkpoint_*/trial_state.pt")
+                 if _mtime(p) < saved}
+        return len(known) > len(done)
 
     wait_for(mid_study, 180, "one finished trial and another one mid-training", proc, lambda: ws.tail("first"))
 

@@ -113,12 +113,12 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     # test-time defence (trainables.defence): ssl_reverse = before classifying, find r with
     # ‖r‖∞ ≤ defence_eps minimising the weighted SSL losses of defence_tasks on x + r (PGD,
     # defence_steps steps of defence_eps/4). Evaluated against the plain PGD (attack "pgd") and an
-    # adaptive PGD maximising CE + eval_adaptive_weight·SSL (attack "pgd_adaptive").
+    # adaptive PGD through a surrogate of the defence, maximising CE − eval_adaptive_weight·SSL (attack "pgd_adaptive").
     "defence": ("none", "str", DEFENCES),
     "defence_eps": (None, "float?", "nonneg"),  # None: 0.1 for the MNIST family, 8/255 otherwise
     "defence_steps": (10, "int", "pos"),
     "defence_tasks": ([], "list[str]", MULTI_SSL_TASKS),  # empty: every task the model trains with
-    "eval_adaptive_weight": (1.0, "float", "nonneg"),  # λ_S of the adaptive attack
+    "eval_adaptive_weight": (1.0, "float", "nonneg"),  # λ_S of the adaptive attack (CE − λ_S·SSL)
     # out-of-distribution detection (trainables.ood): records only when ood_sets is non-empty
     "ood_sets": ([], "list[str]", OOD_SETS),
     "ood_scores": (["msp", "rotation"], "list[str]", OOD_SCORES),
@@ -258,7 +258,7 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
         if full[key] is None:
             full[key] = list(default_eps_grid(full["dataset"], norm))
         full[key] = sorted(set(float(e) for e in full[key]))
-    if full["ssl_task"] == "none" and full["attack_variant"] == "ssl":
+    if full["ssl_task"] == "none" and not full["ssl_tasks"] and full["attack_variant"] == "ssl":
         raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task; set ssl_task: rotation")
     if full["ssl_tasks"] and full["attack_variant"] == "ssl" and not any(full["ssl_tasks"].values()):
         raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task with a weight > 0 in ssl_tasks")

@@ -8,9 +8,12 @@ manifold, which raises the SSL losses; reversing that rise moves the image back.
 Evaluation (`defended_records`), for each norm and ε_test of the evaluation grid:
 - attack "pgd": the plain attack, unaware of the defence: PGD on the cross-entropy of the
   undefended model, then defend and classify;
-- attack "pgd_adaptive": PGD on CE − λ_S·SSL, i.e. the attack also keeps the SSL losses low, so
-  the adversarial image looks natural to the SSL tasks and the reversal has little to undo
-  (the adaptive attack of Mao et al. 2021, λ_S = `eval_adaptive_weight`); then defend and classify.
+- attack "pgd_adaptive": aware of the defence. PGD maximises CE(f(D̂(x'))) − λ_S·SSL(x'), where
+  D̂(x') = x' − ε_r·sign(∇SSL(x')) is a one-step surrogate of the reversal with the identity as
+  its backward pass (BPDA, Athalye et al. 2018), and the −λ_S·SSL term (Mao et al. 2021,
+  λ_S = `eval_adaptive_weight`) also keeps the SSL losses low, so the image looks natural to the
+  SSL tasks and the reversal has little to undo; then defend (the full reversal) and classify.
+  (Maximising +λ_S·SSL instead would *help* the defence: it raises the loss the reversal undoes.)
 Rows carry defence = "ssl_reverse"; ε_test = 0 is the defended clean accuracy (attack "none").
 Such defences change the input at test time by an optimisation of their own, so RobustBench's
 standard (AutoAttack on a fixed model) protocol does not apply to them: see README.
@@ -77,16 +80,19 @@ def ssl_reverse(model, x: torch.Tensor, tasks_weights, eps: float, steps: int = 
     return (x + delta).detach()
 
 
-def adaptive_objective(task: MultiTask, weight: float, labels):
-    """The adaptive attack's objective CE − λ_S·SSL: fool the classifier while keeping the SSL
-    losses low, so the reversal finds little to undo."""
+def adaptive_objective(task: MultiTask, weight: float, labels, eps_r: float):
+    """The adaptive attack's objective: CE after a one-step surrogate of the reversal
+    (x' − ε_r·sign ∇SSL(x'), the sign taken as a constant: BPDA) minus λ_S·SSL(x')."""
 
     def objective(model, x_adv, y):
-        n = y.shape[0]
-        views = task.views(x_adv, labels)
-        features = model.features(torch.cat([x_adv, views]))
-        ce = F.cross_entropy(model.head(features[:n]).float(), y, reduction="none")
-        return ce - weight * task.loss_from_features(model, features[n:], labels, x=x_adv)
+        with torch.enable_grad():
+            probe = x_adv.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(task.loss(model, probe, labels).sum(), probe)
+        defended = (x_adv - eps_r * grad.sign()).clamp(0.0, 1.0)  # d defended / d x_adv = identity
+        ce = F.cross_entropy(model(defended).float(), y, reduction="none")
+        if weight == 0:
+            return ce
+        return ce - weight * task.loss(model, x_adv, labels)
 
     return objective
 
@@ -137,7 +143,7 @@ def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> l
                     if attack == "pgd":
                         objective = None
                     else:
-                        objective = adaptive_objective(task, lam, task.sample(len(xb), generator, x.device))
+                        objective = adaptive_objective(task, lam, task.sample(len(xb), generator, x.device), eps_r)
                     kwargs = {} if objective is None else {"objective": objective}
                     adversarial.append(pgd(model, xb, yb, norm=norm, eps=eps, step_size=step_size, steps=steps,
                                            random_start=True, restarts=config["eval_restarts"], bn_mode="eval",
