@@ -11,6 +11,7 @@ import datetime as dt
 import gc
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -138,9 +139,19 @@ def _load_checkpoint(log) -> dict | None:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a corrupt checkpoint is named and never used
-            log(f"WARNING: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+            log(f"WARNING: checkpoint {path} is unreadable ({type(err).__name__}: {_load_error(err)}); "
                 f"not using it, the trial starts again from epoch 0")
             return None
+
+
+def _load_error(err: Exception) -> str:
+    """One line on why torch.load refused a file. For weights_only refusals (corrupt data, or a
+    pickle that would run code) that is the unpickler's own reason, not torch's advice to retry
+    with weights_only=False, which must never be followed for a checkpoint that fails here."""
+    text = " ".join(str(err).split())
+    match = re.search(r"WeightsUnpickler error: (.+?)(?: Please use| Check the documentation|$)", text)
+    reason = match.group(1) if match else text
+    return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
 def run_trial(params: dict, context: StudyContext) -> None:

@@ -565,10 +565,14 @@ def test_mlflow_server_dies_mid_study_then_backfill_logs_every_trial_once(ws):
         assert backfill.returncode == 0, backfill.stderr[-3000:]
         logged = re.search(r"logged (\d+) trial\(s\) of mlgone", backfill.stdout)
         assert logged and int(logged.group(1)) >= 1, backfill.stdout
+        # the runs the outage left RUNNING (at least the parent: it could not be ended) were ended
+        assert re.search(r"marked [1-9]\d* MLflow run\(s\) left RUNNING", backfill.stdout), backfill.stdout
 
         table = results.load("mlgone", str(ws.storage))
         client, runs = mlflow_runs(server.uri, "mlgone")
         finished = check_one_finished_child_per_trial(runs, hashes)
+        parents = [r for r in runs if r.data.tags.get("sslrobust.role") == "parent"]
+        assert [p.info.status for p in parents] == ["KILLED"]
         for chash, run in finished.items():
             expected = table[(table.config_hash == chash) & (table.eps_test == 0.1)]["robust_acc"].iloc[0]
             assert run.data.metrics["robust_acc/linf/0.1"] == pytest.approx(expected)
@@ -714,6 +718,8 @@ def test_a_pickle_bomb_trial_checkpoint_is_refused_named_and_not_used(tmp_path, 
     assert not marker.exists()  # and the payload never ran
     assert len(messages) == 1 and trainable.CHECKPOINT_FILE in messages[0]
     assert "unreadable" in messages[0] and "not using it" in messages[0] and "epoch 0" in messages[0]
+    assert "\n" not in messages[0] and "Unsupported global" in messages[0]  # one line: why it was refused
+    assert "weights_only` set to `False`" not in messages[0]  # and not torch's advice to load it unsafely
 
 
 def test_a_pickle_bomb_pretrained_backbone_is_refused_with_one_line(tmp_path):

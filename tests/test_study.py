@@ -171,6 +171,7 @@ def test_study_file_validation_messages(tmp_path, monkeypatch):
     (tmp_path / "neg.yaml").write_text('{"factors": {"ssl_weight": [0, -1]}}')
     (tmp_path / "empty.yaml").write_text('{"factors": {"ssl_weight": []}}')
     (tmp_path / "variant.yaml").write_text('{"factors": {"attack_variant": [ce, jont]}}')
+    (tmp_path / "valid.yaml").write_text('{"factors": {"ssl_weight": [0, 1]}}')
     from orchestrator.errors import UserError
 
     cases = {
@@ -187,7 +188,7 @@ def test_study_file_validation_messages(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="unknown study 'tpyo'.*did you mean typo"):
         load_study("tpyo")
     with pytest.raises(UserError, match="--set: unknown setting 'ssl_wieght'.*ssl_weight"):
-        load_study("neg", overrides=["ssl_wieght=1"])
+        load_study("valid", overrides=["ssl_wieght=1"])
 
 
 def test_reused_worker_leaks_no_state_between_trials(ray_cluster, workspace):

@@ -6,7 +6,10 @@ and implements the same methods):
 - `sample(n, generator, device)` draws the task's labels for a batch of n images (fixed for the
   whole attack and update of that batch, so the attack and the update see the same views);
 - `views(x, labels)` builds the inputs the head classifies;
-- `loss(model, x, labels) -> per-example loss (N,)`, the `ssl_loss(model, x)` of the design.
+- `loss(model, x, labels) -> per-example loss (N,)`, the `ssl_loss(model, x)` of the design;
+- `copies()` views per image and `loss_from_features(model, features, labels)` on their features.
+Tasks whose target is the image itself (inpainting) set `uses_input = True` and take `x=` in
+`loss_from_features`; `task_loss_from_features` passes it only to them.
 """
 from __future__ import annotations
 
