@@ -16,7 +16,6 @@ the Ray processes a test starts are found, and cleaned up, by that path alone.
 from __future__ import annotations
 
 import ast
-import datetime as dt
 import json
 import os
 import re
