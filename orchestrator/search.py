@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from . import results
 from .spec import config_hash
+
+if TYPE_CHECKING:
+    from .spec import StudySpec
 
 
 class MultiObjectiveOptunaSearch(OptunaSearch):

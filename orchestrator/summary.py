@@ -8,6 +8,20 @@ from . import results, tracking
 from .errors import UserError
 
 
+def mean_ci_cell(mean: float, half: float, n: int) -> str:
+    """'mean±half' (95% CI), just the mean for one seed, '–' for no value."""
+    return "–" if n == 0 else f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}"
+
+
+def render_columns(lines: list[list]) -> str:
+    """Right-aligned text columns, a rule under the header line."""
+    lines = [[str(cell) for cell in line] for line in lines]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    rendered.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(rendered)
+
+
 def robustness_table(spec, table) -> str:
     """Robust accuracy (mean ± 95% CI over seeds) against ε_test, a row per cell of the factors."""
     from .report import mean_ci
@@ -34,12 +48,9 @@ def robustness_table(spec, table) -> str:
         row.append(str(group["seed"].nunique()))
         for eps in eps_values:
             mean, half, n = mean_ci(group[group["eps_test"] == eps]["robust_acc"])
-            row.append("–" if n == 0 else f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}")
-        lines.append([str(v) for v in row])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
-    rendered.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(rendered)
+            row.append(mean_ci_cell(mean, half, n))
+        lines.append(row)
+    return render_columns(lines)
 
 
 def defence_text(table) -> str | None:
@@ -60,12 +71,9 @@ def defence_text(table) -> str | None:
                 row.append("–")
                 continue
             mean, half = float(sel["mean"].iloc[0]), float(sel["ci95"].iloc[0])
-            row.append(f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}")
-        lines.append([str(v) for v in row])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
-    rendered.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(rendered)
+            row.append(mean_ci_cell(mean, half, 1))
+        lines.append(row)
+    return render_columns(lines)
 
 
 def ood_auroc_table(spec, table) -> str | None:
@@ -92,12 +100,9 @@ def ood_auroc_table(spec, table) -> str | None:
         for ood_set, score in columns:
             values = group[(group["ood_set"] == ood_set) & (group["score"] == score)]["value"]
             mean, half, n = mean_ci(values)
-            line.append("–" if n == 0 else f"{mean:.3f}" if half != half else f"{mean:.3f}±{half:.3f}")
-        lines.append([str(v) for v in line])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    rendered = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
-    rendered.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(rendered)
+            line.append(mean_ci_cell(mean, half, n))
+        lines.append(line)
+    return render_columns(lines)
 
 
 def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, out=sys.stdout) -> str | None:

@@ -143,6 +143,15 @@ def test_pgd_works_under_no_grad_and_leaves_init_untouched(fmnist_standard_cnn, 
     assert not torch.equal(got, (x + init).clamp(0, 1))  # it took gradient steps
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_zero_budget_returns_the_clean_images(norm, fmnist_standard_cnn, fmnist_test_batch):
+    model = fmnist_standard_cnn
+    x, y = fmnist_test_batch
+    x, y = x[:16], y[:16]
+    assert torch.equal(pgd(model, x, y, norm=norm, eps=0.0, step_size=0.1, steps=5, restarts=2), x)
+    assert torch.equal(fgsm(model, x, y, norm=norm, eps=0.0), x)
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
 def test_restarts_never_lower_the_objective(norm, eps, fmnist_standard_cnn, fmnist_test_batch):
     model = fmnist_standard_cnn

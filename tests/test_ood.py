@@ -272,26 +272,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    from orchestrator.runner import RunOptions
-
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    monkeypatch.setenv("SSLROBUST_STUDIES_DIR", str(studies))
-    monkeypatch.chdir(tmp_path)
-    options = RunOptions(storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", verbose=0)
-    return studies, options
-
 
 def test_ood_and_label_noise_study_end_to_end(ray_cluster, workspace):
     from mlflow.tracking import MlflowClient

@@ -6,7 +6,6 @@ import json
 import textwrap
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from orchestrator import results
@@ -29,22 +28,6 @@ def write_study(folder, name, factors, seeds=(0,), search=None, **fixed):
         body["search"] = search
     (folder / f"{name}.yaml").write_text(json.dumps(body))
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    monkeypatch.setenv("SSLROBUST_STUDIES_DIR", str(studies))
-    monkeypatch.chdir(tmp_path)
-    options = RunOptions(storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", verbose=0)
-    return studies, options
 
 
 def run(name, options, sets=None, **changes):

@@ -49,9 +49,10 @@ def _differs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_adversarial_training_is_more_robust_at_eps_train(fmnist_pgd10_accuracy):
-    # small_cnn, 2,000 Fashion-MNIST images, 1 epoch; PGD-10 l∞ at ε_train = 0.1 on 256 test images.
+    # small_cnn, 3,000 Fashion-MNIST images, 2 epochs; PGD-10 l∞ at ε_train = 0.1 on 500 test images.
     acc = fmnist_pgd10_accuracy
-    assert acc["standard_clean"] > 0.55 and acc["adversarial_clean"] > 0.55  # both learnt something
+    assert acc["n"] == 500
+    assert acc["standard_clean"] > 0.6 and acc["adversarial_clean"] > 0.6  # both learnt something
     assert acc["adversarial"] > acc["standard"] + 0.1, acc
 
 
@@ -209,8 +210,9 @@ def test_independent_perturbation_keeps_every_copy_in_its_ball(norm, eps):
     assert not torch.allclose(delta[n:], rotated_image_delta, atol=1e-3)
 
 
-def test_shared_and_independent_modes_differ_in_what_they_attack():
-    # The shared mode perturbs the image only: its attack input is the batch itself.
+def test_shared_mode_attacks_the_image_with_the_joint_objective():
+    # The shared mode perturbs the image only (its attack input is the batch itself); the SSL
+    # views are rotations of the perturbed image.
     base = dict(dataset="fashion_mnist", arch="small_cnn", train_subset=64, batch_size=32,
                 epochs=1, ssl_task="rotation", ssl_weight=0.5, attack_variant="joint",
                 rotations="one", eps_train=0.1, train_attack_steps=1, seed=1)
