@@ -1,8 +1,8 @@
 """Shared helpers of the benchmark scripts: threads, data, small trained models, fair timing.
 
 Every benchmark measures its reference in the same process and interleaves the measured
-functions (A, B, A, B, ...) so that load from other processes on the machine hits both alike;
-the reported figure is the ratio of medians.
+functions (A B, B A, A B, ...) so that load from other processes on the machine hits both alike;
+the headline figure is the median of the paired ratios (see `ratio_line`).
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def trained_model(adversarial: bool, subset: int = 5000, epochs: int = 2, eps: f
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall-clock seconds of each function, run in turn `repeats` times after `warmup` rounds.
+    """Wall-clock seconds of each function, run in turn `repeats` times after `warmup` rounds, the
+    order alternating between rounds.
     The process CPU seconds of the same runs are under "<name>:cpu" (less sensitive to other
     processes on a shared machine than wall time, though not immune: threads wait for cores)."""
     for _ in range(warmup):
@@ -71,8 +72,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     times.update({name + ":cpu": [] for name in fns})
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for i in range(repeats):
+        # Alternate the order (A B, B A, ...) so neither function always runs first.
+        order = list(fns.items()) if i % 2 == 0 else list(reversed(fns.items()))
+        for name, fn in order:
             cpu, start = time.process_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -143,6 +143,20 @@ def test_pgd_works_under_no_grad_and_leaves_init_untouched(fmnist_standard_cnn, 
     assert not torch.equal(got, (x + init).clamp(0, 1))  # it took gradient steps
 
 
+def test_pgd_accepts_an_objective_whose_gradient_is_expanded():
+    # The gradient of a pixel sum is a stride-0 expanded tensor: the in-place update must not
+    # write into it. Maximising the pixel sum moves every pixel up by ε (clipped at 1).
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4, dtype=torch.long)
+
+    def pixel_sum(model, x_in, y_):
+        return x_in.flatten(1).sum(1)
+
+    got = pgd(torch.nn.Identity(), x, y, pixel_sum, "linf", eps=0.1, step_size=0.04, steps=3,
+              random_start=False)
+    assert torch.allclose(got, (x + 0.1).clamp(0, 1), atol=1e-6)
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_zero_budget_returns_the_clean_images(norm, fmnist_standard_cnn, fmnist_test_batch):
     model = fmnist_standard_cnn

@@ -59,8 +59,10 @@ def _ascent_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
 def _step_and_project_(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, norm: str,
                        eps: float, step_size: float) -> torch.Tensor:
     """`project(delta + step_size·ascent(grad), x, norm, eps)` computed in place in `delta` (and
-    `grad`, which is consumed): the same values without allocating five image-sized tensors per
-    step, which is a measurable share of an attack step on CPU."""
+    `grad`, which is consumed): the same values without allocating five image-sized temporaries
+    per step (about 1% of a small_cnn attack step on CPU)."""
+    if not grad.is_contiguous():  # e.g. an expanded gradient of an objective linear in the input
+        grad = grad.contiguous()
     if norm == "linf":
         delta.add_(grad.sign_(), alpha=step_size).clamp_(-eps, eps)
     elif norm == "l2":
