@@ -449,7 +449,7 @@ def test_sigkill_of_a_worker_node_mid_study_retries_its_trial_from_the_checkpoin
     workdir = tmp_path / "driver"
     ws = Workspace(workdir)  # only for the study file and the helpers that read what it left
     shutil.rmtree(ws.ray_tmp, ignore_errors=True)  # the cluster has its own temp dirs
-    ws.write_study("nkill", {"ssl_weight": [0.0, 0.5]}, epochs=4)
+    ws.write_study("nkill", {"ssl_weight": [0.0, 0.5]}, epochs=12)  # long enough that node b dies mid-training
     out_log, err_log = workdir / "nkill.out", workdir / "nkill.err"
     logs = lambda: f"--- stdout\n{tail(out_log)}\n--- stderr\n{tail(err_log)}"  # noqa: E731
     with ProcessScope("faults-node") as scope, LocalRayCluster(scope) as cluster:
