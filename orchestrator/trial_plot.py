@@ -1,14 +1,14 @@
 """The per-trial figure logged to MLflow: robust accuracy against ε_test, ε_train marked."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def plot_trial_curve(records: list[dict], config: dict, path: str) -> str:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    # A bare Figure (no pyplot state to clean up in a reused worker) with fixed margins: the layout
+    # engine would cost more than the rest of the figure, once per trial.
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
     for norm in config["eval_norms"]:
         points = sorted((r["eps_test"], r["robust_acc"]) for r in records
                         if r["corruption"] is None and r["norm"] == norm and not r.get("defence"))
@@ -27,7 +27,6 @@ def plot_trial_curve(records: list[dict], config: dict, path: str) -> str:
     ax.set_title(f"λ = {config['ssl_weight']:g}, {config['attack_variant']}, {config['init']}, seed {config['seed']}",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.91)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

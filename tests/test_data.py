@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables import data
+from trainables import data, datafiles
 from trainables.config import DATASETS, ConfigError
 
 
@@ -127,7 +127,7 @@ def fmnist_train(fmnist_root):
 
 @pytest.fixture
 def no_debian(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(datafiles, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
 
 
 def random_split(name: str, n: int, seed: int = 0) -> data.ImageTensors:
