@@ -1,6 +1,7 @@
 """The test-time SSL-reversal defence (trainables.defence): its constraints, its rows in the
-results schema, and on a small real run that it raises accuracy under the plain PGD while the
-adaptive PGD does not do better against it than the plain one."""
+results schema, the adaptive attack's gradient (BPDA through the whole reversal, EOT), and on a
+small real run that it raises accuracy under the plain PGD while the adaptive PGD takes part of that
+back."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from orchestrator import results
 from orchestrator.trainable import defended_metric_name, result_metrics, summary_metrics
 from trainables.config import ConfigError, resolve
 from trainables.data import dataset_info
-from trainables.defence import defence_task, ssl_reverse
+from trainables.defence import adaptive_objective, defence_task, ssl_reverse
 from trainables.models import build_model
 from trainables.ssl import Contrastive, Inpainting, MultiTask, RotationPrediction, attach_head
 
@@ -46,6 +47,49 @@ def test_reversal_stays_in_the_ball_and_in_0_1_and_lowers_the_ssl_loss():
     assert torch.equal(same, x)
 
 
+def _multi_task_model():
+    torch.manual_seed(0)
+    multi = MultiTask([RotationPrediction("all"), Contrastive(), Inpainting()], [1.0, 0.1, 1.0])
+    model = build_model("small_cnn", FASHION)
+    attach_head(model, multi)
+    return model.eval(), multi
+
+
+def test_adaptive_gradient_is_the_classifier_gradient_at_the_defended_image():
+    """BPDA: with λ_S = 0 the objective's value is the CE of the fully reversed image and its
+    gradient w.r.t. x' is the CE gradient taken at that reversed image (the identity backward)."""
+    model, multi = _multi_task_model()
+    x = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3])
+    objective = adaptive_objective(multi, 0.0, None, 0.05, 4, eot=1, generator=torch.Generator().manual_seed(7))
+    x_adv = x.clone().requires_grad_(True)
+    value = objective(model, x_adv, y)
+    (grad,) = torch.autograd.grad(value.sum(), x_adv)
+    defended = ssl_reverse(model, x, multi, 0.05, 4, 0.05 / 4, torch.Generator().manual_seed(7))
+    assert not torch.equal(defended, x)
+    at_defended = defended.clone().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(model(at_defended), y, reduction="none")
+    (expected,) = torch.autograd.grad(reference.sum(), at_defended)
+    torch.testing.assert_close(value, reference.detach())
+    torch.testing.assert_close(grad, expected)
+
+
+def test_adaptive_eot_averages_fresh_draws_of_the_defence_and_subtracts_the_ssl_term():
+    model, multi = _multi_task_model()
+    x = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([4, 5, 6, 7])
+    labels = multi.sample(4, torch.Generator().manual_seed(9), "cpu")
+    one = adaptive_objective(multi, 0.0, labels, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    draws = torch.stack([one(model, x, y).detach() for _ in range(2)])
+    assert not torch.equal(draws[0], draws[1])  # the contrastive views differ between draws
+    two = adaptive_objective(multi, 0.0, labels, 0.05, 3, eot=2, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(two(model, x, y).detach(), draws.mean(0))
+    weighted = adaptive_objective(multi, 0.5, labels, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = draws[0] - 0.5 * multi.loss(model, x, labels)
+    torch.testing.assert_close(weighted(model, x, y).detach(), expected)
+
+
 def test_defence_config():
     cfg = resolve({"defence": "ssl_reverse"})
     assert cfg["defence_eps"] is None and cfg["defence_steps"] == 10 and cfg["defence_tasks"] == []
@@ -57,6 +101,10 @@ def test_defence_config():
                      "defence_tasks": ["inpainting"]})
     task = defence_task(multi)
     assert [t.name for t in task.tasks] == ["inpainting"] and task.weights == [2.0]
+    assert cfg["eval_adaptive_weight"] == 1.0 and cfg["eval_adaptive_eot"] == 1
+    assert resolve({"defence": "ssl_reverse", "eval_adaptive_weight": -1})["eval_adaptive_weight"] == -1.0
+    with pytest.raises(ConfigError, match="eval_adaptive_eot"):
+        resolve({"defence": "ssl_reverse", "eval_adaptive_eot": 0})
 
 
 def _row(h, **kw):
@@ -97,11 +145,10 @@ def test_defended_rows_share_the_table_and_stay_out_of_the_summary(tmp_path):
 def test_defence_raises_accuracy_under_plain_pgd_and_adaptive_pgd_takes_it_back():
     """small_cnn trained ~100 steps with rotation on 3,072 Fashion-MNIST images; 100 test images,
     PGD-10 at ε = 0.1; the reversal uses ε_r = 0.1, 10 steps. This exact run: undefended 0.07,
-    defended 0.35 under the plain PGD, 0.34 under the adaptive PGD (BPDA through a one-step
-    surrogate of the reversal, λ_S = 1; 0.33 at λ_S = 0; with other random streams 0.39 vs 0.34 /
-    0.31). The raise is large and asserted with a margin. The adaptive drop is 1-8 of the 100
-    examples, too small to be reliable at this size: only "no better than the plain attack" is
-    asserted (the non-adaptive CE − λ_S·SSL attack without BPDA failed even that: 0.37 vs 0.35)."""
+    defended 0.35 under the plain PGD and 0.27 under the adaptive PGD (BPDA through the full
+    reversal, λ_S = 1). Both gaps are asserted with margins. (A one-step surrogate of the reversal
+    only reached 0.34, and the attack without BPDA 0.37: adaptive attacks must go through the
+    defence as it runs.)"""
     from trainables.train import Trainer
 
     config = dict(dataset="fashion_mnist", arch="small_cnn", train_subset=3072, test_subset=100, epochs=1,
@@ -117,7 +164,7 @@ def test_defence_raises_accuracy_under_plain_pgd_and_adaptive_pgd_takes_it_back(
     assert records[0]["clean_acc"] > 0.6
     plain, adaptive = defended[0.1, "pgd"]["robust_acc"], defended[0.1, "pgd_adaptive"]["robust_acc"]
     assert plain >= undefended[0.1]["robust_acc"] + 0.1, (undefended, defended)
-    assert adaptive <= plain, (plain, adaptive)
+    assert adaptive <= plain - 0.05, (plain, adaptive)
     assert all(r["n_examples"] == 100 for r in records)
     results.validate_rows([_row("h", **{k: v for k, v in r.items() if k in results.COLUMNS}) for r in records])
 

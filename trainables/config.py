@@ -113,12 +113,16 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     # test-time defence (trainables.defence): ssl_reverse = before classifying, find r with
     # ‖r‖∞ ≤ defence_eps minimising the weighted SSL losses of defence_tasks on x + r (PGD,
     # defence_steps steps of defence_eps/4). Evaluated against the plain PGD (attack "pgd") and an
-    # adaptive PGD through a surrogate of the defence, maximising CE − eval_adaptive_weight·SSL (attack "pgd_adaptive").
+    # adaptive PGD through the defence itself (BPDA: the full reversal forward, the identity backward;
+    # EOT over eval_adaptive_eot draws of its random views), maximising
+    # CE(f(defended x')) − eval_adaptive_weight·SSL(x') (attack "pgd_adaptive"; a negative weight
+    # gives CE + |w|·SSL, which raises the loss the reversal undoes and so helps the defence).
     "defence": ("none", "str", DEFENCES),
     "defence_eps": (None, "float?", "nonneg"),  # None: 0.1 for the MNIST family, 8/255 otherwise
     "defence_steps": (10, "int", "pos"),
     "defence_tasks": ([], "list[str]", MULTI_SSL_TASKS),  # empty: every task the model trains with
-    "eval_adaptive_weight": (1.0, "float", "nonneg"),  # λ_S of the adaptive attack (CE − λ_S·SSL)
+    "eval_adaptive_weight": (1.0, "float", None),  # λ_S of the adaptive attack (CE − λ_S·SSL)
+    "eval_adaptive_eot": (1, "int", "pos"),  # draws of the defence's random views averaged per attack step
     # out-of-distribution detection (trainables.ood): records only when ood_sets is non-empty
     "ood_sets": ([], "list[str]", OOD_SETS),
     "ood_scores": (["msp", "rotation"], "list[str]", OOD_SCORES),
@@ -145,7 +149,7 @@ NON_SEMANTIC_KEYS = frozenset({"eval_batch_size"})
 HASH_NEUTRAL_DEFAULTS = frozenset({
     "label_noise", "ood_sets", "ood_scores", "ood_examples",
     "ssl_tasks", "contrastive_temperature", "defence", "defence_eps", "defence_steps", "defence_tasks",
-    "eval_adaptive_weight",
+    "eval_adaptive_weight", "eval_adaptive_eot",
 })
 
 # The label-free evaluation keys (trainables.label_free), added later still: hashed only when changed.
