@@ -1399,8 +1399,9 @@ def build_report(
          "Per configuration (λ × attack variant × ...), mean ± 95% t-interval over seeds (Petrov and "
          "Kwiatkowska): repr_distance_* = ‖f(x̂) − f(x)‖ (untargeted) or ‖f(x̂) − f(x_t)‖ (targeted) over the "
          "median distance of clean pairs; breakaway_risk = fraction of other clean representations closer to "
-         "the attacked one than its own; overlap_risk = fraction of targeted attacks ending closer to the "
-         "target than to the own clean representation; certified_acc@r = randomized-smoothing certified "
+         "the attacked one than its own; overlap_risk = fraction of pairs, each image attacked toward the "
+         "other, where the partner's attack lands closer to an image's clean representation than the image's "
+         "own attack (the margin ratio is negative); certified_acc@r = randomized-smoothing certified "
          "accuracy at l2 radius r; smoothing_abstain_rate = fraction of abstentions.",
          label_free_table(agg_lf, tk), lambda t: label_free_display(t, tk)),
     ]

@@ -25,11 +25,14 @@ torch.set_num_threads(1)
 
 
 def test_risks_are_zero_for_an_encoder_that_ignores_the_perturbation():
-    clean = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
-    targets = lf.target_permutation(20, torch.Generator().manual_seed(1))
-    assert (targets != torch.arange(20)).all() and sorted(targets.tolist()) == list(range(20))
+    clean = torch.randn(21, 8, generator=torch.Generator().manual_seed(0))
+    partners = lf.partner_pairs(21, torch.Generator().manual_seed(1))
+    assert (partners != torch.arange(21)).all()
+    paired = partners[partners] == torch.arange(21)
+    assert int(paired.sum()) == 20  # ten pairs attacked both ways; the odd one out targets one of them
     assert lf.breakaway_risk(clean.clone(), clean) == 0.0
-    assert lf.overlap_risk(clean.clone(), clean, clean[targets]) == 0.0
+    assert lf.overlap_risk(clean.clone(), clean, partners) == 0.0
+    assert lf.margin_ratio(clean.clone(), clean, partners).tolist() == pytest.approx([1.0] * 20)
     assert lf.normalised_attack_distance(clean.clone(), clean, 1.0) == 0.0
 
 
@@ -39,11 +42,21 @@ def test_breakaway_and_overlap_risks_on_hand_made_points():
     # a1 stays; a2 moved to (0, 4): 6 from its own, 4 from c0 -> one of two others closer
     attacked = torch.tensor([[7.0, 0.0], [10.0, 0.0], [0.0, 4.0]])
     assert lf.breakaway_risk(attacked, clean) == pytest.approx(2 / 6)
-    # targeted pairs 0 -> 1, 1 -> 2, 2 -> 0: a0 closer to c1 (3 < 7); a1 at its own; a2 closer to c0
-    target = clean[[1, 2, 0]]
-    ratio = lf.margin_ratio(attacked, clean, target)
-    assert ratio.tolist() == pytest.approx([(3 - 7) / 10, (math.sqrt(200) - 0) / math.sqrt(200), (4 - 6) / 10])
-    assert lf.overlap_risk(attacked, clean, target) == pytest.approx(2 / 3)
+    # pairs 0 <-> 1 and 2 -> 0 (the odd one out, not in the overlap risk). Seen from c0: the partner's
+    # attack a1 is 10 away, a0 went 7 away -> (10 - 7) / 10. Seen from c1: a0 is 3 away, a1 stayed
+    # (0) -> (3 - 0) / 10. No overlap.
+    partners = torch.tensor([1, 0, 0])
+    assert lf.margin_ratio(attacked, clean, partners).tolist() == pytest.approx([0.3, 0.3])
+    assert lf.overlap_risk(attacked, clean, partners) == 0.0
+    # a0 pushed to (6, 0) and a1 to (3, 0): they passed each other. From c0 the partner's attack is
+    # 3 away, a0 itself 6: (3 - 6) / 10; from c1 a0 is 4 away, a1 itself 7: (4 - 7) / 10. Overlap.
+    crossed = torch.tensor([[6.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    assert lf.margin_ratio(crossed, clean, partners).tolist() == pytest.approx([-0.3, -0.3])
+    assert lf.overlap_risk(crossed, clean, partners) == 1.0
+    # four points in two pairs, one of them overlapping: risk 1/2
+    clean4 = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    attacked4 = torch.tensor([[6.0, 0.0], [3.0, 0.0], [1.0, 10.0], [9.0, 10.0]])
+    assert lf.overlap_risk(attacked4, clean4, torch.tensor([1, 0, 3, 2])) == pytest.approx(0.5)
     # pair distances 10, 10, sqrt(200): median 10
     assert lf.median_pair_distance(clean) == pytest.approx(10.0)
     assert lf.normalised_attack_distance(attacked, clean, 10.0) == pytest.approx((7 + 0 + 6) / 3 / 10)

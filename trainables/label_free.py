@@ -15,11 +15,13 @@ Measures (plain functions over representation tensors; definitions used here):
 - breakaway risk: for attacked representations a_i = f(x̂_i) (untargeted attack) and clean ones
   c_j = f(x_j), the fraction of pairs (i, j ≠ i) with ‖a_i − c_j‖ < ‖a_i − c_i‖: how often the
   attacked representation is closer to another image's clean representation than to its own.
-- overlap risk: for targeted pairs (x_i → x_t(i)), the margin ratio
-  m_i = (‖a_i − c_t(i)‖ − ‖a_i − c_i‖) / ‖c_i − c_t(i)‖ and the risk P(m_i < 0): the fraction of
-  targeted attacks whose representation ends closer to the target's clean representation than to
-  its own (the two images' representations overlap under attack). This is our reading of their
-  "P(margin ratio < 0)"; their margin compares the same two distances.
+- overlap risk: the examples are paired (i ↔ t(i)) and each image of a pair is attacked toward the
+  other's clean representation: a_i = f(x̂_{i→t(i)}), a_t(i) = f(x̂_{t(i)→i}). Seen from c_i, the
+  margin ratio m_i = (‖c_i − a_t(i)‖ − ‖c_i − a_i‖) / ‖c_i − c_t(i)‖ is negative when the partner,
+  pushed toward x_i, lands closer to c_i than x_i pushed away toward its partner: the two images'
+  perturbation sets overlap in representation space. Risk: P(m_i < 0) over both members of every
+  pair. These are the distances the authors' evaluation records for a pair attacked both ways
+  (d(x, x'→x), d(x, x→x'), d(x, x'); AleksandarPetrov/unsupervised-robustness, scripts/margin.py).
 
 Both risks are 0 for an encoder that ignores the perturbation (a_i = c_i).
 """
@@ -96,27 +98,41 @@ def breakaway_risk(attacked: torch.Tensor, clean: torch.Tensor) -> float:
     return float(closer.sum()) / (n * (n - 1))
 
 
-def margin_ratio(attacked: torch.Tensor, clean: torch.Tensor, target_clean: torch.Tensor) -> torch.Tensor:
-    """(‖a_i − c_t‖ − ‖a_i − c_i‖) / ‖c_i − c_t‖ per targeted pair (negative: overlap)."""
-    to_target = _sq_distance(attacked, target_clean).sqrt()
-    to_own = _sq_distance(attacked, clean).sqrt()
-    apart = _sq_distance(clean, target_clean).sqrt().clamp_min(1e-12)
-    return (to_target - to_own) / apart
+def margin_ratio(attacked: torch.Tensor, clean: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+    """(‖c_i − a_p(i)‖ − ‖c_i − a_i‖) / ‖c_i − c_p(i)‖ for every i in a pair (p(p(i)) = i), where
+    a_i is x_i attacked toward c_p(i) (see the module docstring); negative: overlap. Examples
+    without a partner (p(p(i)) ≠ i, the odd one out) are left out."""
+    index = torch.arange(len(partners), device=partners.device)
+    paired = index[partners[partners] == index]
+    if len(paired) == 0:
+        raise ValueError("the overlap risk needs at least one pair attacked both ways")
+    partner = partners[paired]
+    c, a = clean[paired], attacked[paired]
+    to_partner_attack = _sq_distance(c, attacked[partner]).sqrt()
+    to_own_attack = _sq_distance(c, a).sqrt()
+    apart = _sq_distance(c, clean[partner]).sqrt().clamp_min(1e-12)
+    return (to_partner_attack - to_own_attack) / apart
 
 
-def overlap_risk(attacked: torch.Tensor, clean: torch.Tensor, target_clean: torch.Tensor) -> float:
-    """P(margin ratio < 0) over the targeted pairs (see the module docstring)."""
-    return float((margin_ratio(attacked, clean, target_clean) < 0).double().mean())
+def overlap_risk(attacked: torch.Tensor, clean: torch.Tensor, partners: torch.Tensor) -> float:
+    """P(margin ratio < 0) over the paired examples (see the module docstring)."""
+    return float((margin_ratio(attacked, clean, partners) < 0).double().mean())
 
 
-def target_permutation(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A target index per example, never the example itself (a random cyclic shift of a random order)."""
+def partner_pairs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A target index per example, never the example itself: random disjoint pairs i ↔ p(i), so
+    each image of a pair is attacked toward the other. With n odd the one left over targets a
+    random paired example (its attack counts in the targeted distance, not in the overlap risk)."""
     if n < 2:
         raise ValueError("targeted attacks need at least two examples")
     order = torch.randperm(n, generator=generator)
-    target = torch.empty(n, dtype=torch.long)
-    target[order] = order.roll(-1)
-    return target
+    partners = torch.empty(n, dtype=torch.long)
+    half = n // 2 * 2
+    partners[order[0:half:2]] = order[1:half:2]
+    partners[order[1:half:2]] = order[0:half:2]
+    if n % 2:
+        partners[order[-1]] = order[int(torch.randint(half, (1,), generator=generator))]
+    return partners
 
 
 def default_eps(dataset: str) -> float:
@@ -163,7 +179,7 @@ def label_free_records(model, x: torch.Tensor, y: torch.Tensor, config: dict,
     clean = _features(model, x, batch_size)
     scale = median_pair_distance(clean)
     untargeted, targeted = [], []
-    targets = target_permutation(n, torch.Generator().manual_seed(seed)).to(x.device)
+    targets = partner_pairs(n, torch.Generator().manual_seed(seed)).to(x.device)
     for i in range(0, n, batch_size):
         xb = x[i : i + batch_size]
         x_u = representation_pgd(model, xb, None, eps=eps, steps=steps, step_size=step_size, generator=generator)
@@ -178,7 +194,7 @@ def label_free_records(model, x: torch.Tensor, y: torch.Tensor, config: dict,
         _record("repr_distance_untargeted", normalised_attack_distance(a_u, clean, scale), n, clean_acc, **attack),
         _record("repr_distance_targeted", normalised_attack_distance(a_t, target_clean, scale), n, clean_acc, **attack),
         _record("breakaway_risk", breakaway_risk(a_u, clean), n, clean_acc, **attack),
-        _record("overlap_risk", overlap_risk(a_t, clean, target_clean), n, clean_acc, **attack),
+        _record("overlap_risk", overlap_risk(a_t, clean, targets), n, clean_acc, **attack),
     ]
     certificate = certify(model, x, float(config.get("smoothing_sigma", 0.25)), int(config.get("smoothing_n0", 20)),
                           int(config.get("smoothing_n", 100)), float(config.get("smoothing_alpha", 0.001)),
