@@ -228,3 +228,76 @@ def test_curve_accuracy_matches_a_direct_attack_with_the_same_starts(fmnist_adve
         correct = (model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
     assert record["robust_acc"] == pytest.approx(correct.float().mean().item(), abs=1e-9)
     assert record["attack_steps"] == steps and record["step_size"] == pytest.approx(2.5 * eps / steps)
+
+
+# --- BatchNorm folding for eval-mode attacks ---------------------------------------------------
+
+
+def _with_batchnorm_statistics(model):
+    """Non-trivial running statistics and affine parameters, so folding has something to fold."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "preact_resnet18"])
+def test_folded_copy_computes_the_same_function_and_leaves_the_model_alone(arch):
+    from trainables.data import dataset_info
+    from trainables.folding import fold_batchnorm
+    from trainables.models import build_model
+
+    torch.manual_seed(0)
+    info = dataset_info("fashion_mnist" if arch == "small_cnn" else "cifar10")
+    model = _with_batchnorm_statistics(build_model(arch, info))
+    before = copy.deepcopy(model.state_dict())
+    folded = fold_batchnorm(model)
+    x = torch.rand(8, info.channels, info.size, info.size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(folded.features(x), model.features(x), rtol=1e-4, atol=1e-5)
+    def batchnorms(m):
+        return sum(isinstance(c, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for c in m.modules())
+    # small_cnn: every BatchNorm follows a conv or linear layer; PreAct blocks put BN first (kept)
+    assert batchnorms(folded) == (0 if arch == "small_cnn" else batchnorms(model))
+    assert all(not p.requires_grad for p in folded.parameters())
+    assert batchnorms(model) > 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_folded_copy_is_cached_until_the_model_changes():
+    from trainables.data import dataset_info
+    from trainables.folding import folded_for_eval
+    from trainables.models import build_model
+
+    torch.manual_seed(0)
+    model = _with_batchnorm_statistics(build_model("small_cnn", dataset_info("fashion_mnist")))
+    first = folded_for_eval(model)
+    assert folded_for_eval(model) is first
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()  # new weights and, in train mode, new running statistics
+    model.eval()
+    second = folded_for_eval(model)
+    assert second is not first
+    with torch.no_grad():
+        torch.testing.assert_close(second(x), model(x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(first(x), model(x), atol=1e-3)
+
+
+def test_eval_attack_on_the_folded_copy_finds_the_same_examples(fmnist_standard_cnn, fmnist_test_batch):
+    x, y = fmnist_test_batch
+    x, y = x[:64], y[:64]
+    kwargs = dict(norm="linf", eps=0.1, step_size=0.025, steps=5, random_start=False, bn_mode="eval")
+    folded = pgd(fmnist_standard_cnn, x, y, **kwargs)
+    plain = pgd(fmnist_standard_cnn, x, y, fold_bn=False, **kwargs)
+    # Float rounding may flip the sign of a near-zero gradient coordinate: compare the examples
+    # coordinate-wise with a tolerance for a few such pixels, and the model's verdict exactly.
+    assert float(((folded - plain).abs() > 1e-5).float().mean()) < 0.01
+    assert torch.equal(fmnist_standard_cnn(folded).argmax(1), fmnist_standard_cnn(plain).argmax(1))

@@ -12,6 +12,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .folding import folded_for_eval
+
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Guards the division by a zero gradient (e.g. an input the objective does not depend on).
@@ -99,6 +101,7 @@ def pgd(
     bn_mode: str | None = "eval",
     generator: torch.Generator | None = None,
     init: torch.Tensor | None = None,
+    fold_bn: bool = True,
 ) -> torch.Tensor:
     """Projected gradient ascent on `objective` inside the `norm` ball of radius `eps`.
 
@@ -106,11 +109,15 @@ def pgd(
     example keeps the restart that reached the highest objective. `init` fixes the first restart's
     starting δ (evaluation uses it to give every example the same start however it is batched).
     `bn_mode` is explicit because training attacks in train mode (as the seed code) and
-    evaluation in eval mode.
+    evaluation in eval mode. In eval mode the attack runs on a copy of the model with its BatchNorms
+    folded into the layers before them (`trainables.folding`; the same function up to float
+    rounding, and `objective` gets that copy); `fold_bn=False` attacks the model as it is.
     """
     x = x.detach()
     if eps == 0 or steps == 0:
         return x.clone()
+    if fold_bn and bn_mode == "eval":
+        model = folded_for_eval(model)
     best_x, best_loss = None, None
     with batchnorm_mode(model, bn_mode):
         for restart in range(restarts):
