@@ -107,6 +107,9 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "eval_attack_steps": (20, "int", "pos"),
     "eval_step_size_factor": (2.5, "float", "pos"),  # step = factor·ε/steps
     "eval_restarts": (1, "int", "pos"),
+    # count an example as fooled at the first PGD iterate that fools it, and stop attacking it
+    # (attack "pgd_any_iterate"): cheaper and never weaker than the last iterate; needs eval_restarts 1
+    "eval_stop_on_success": (False, "bool", None),
     "eval_batch_size": (500, "int", "pos"),
     "corruptions": ([], "list[str]", CORRUPTIONS),
     "corruption_severities": ([1, 2, 3, 4, 5], "list[int]", (1, 2, 3, 4, 5)),
@@ -149,7 +152,7 @@ NON_SEMANTIC_KEYS = frozenset({"eval_batch_size"})
 HASH_NEUTRAL_DEFAULTS = frozenset({
     "label_noise", "ood_sets", "ood_scores", "ood_examples",
     "ssl_tasks", "contrastive_temperature", "defence", "defence_eps", "defence_steps", "defence_tasks",
-    "eval_adaptive_weight", "eval_adaptive_eot",
+    "eval_adaptive_weight", "eval_adaptive_eot", "eval_stop_on_success",
 })
 
 # The label-free evaluation keys (trainables.label_free), added later still: hashed only when changed.
@@ -266,6 +269,9 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task; set ssl_task: rotation")
     if full["ssl_tasks"] and full["attack_variant"] == "ssl" and not any(full["ssl_tasks"].values()):
         raise ConfigError(f"{where}: attack_variant 'ssl' needs an SSL task with a weight > 0 in ssl_tasks")
+    if full["eval_stop_on_success"] and full["eval_restarts"] != 1:
+        raise ConfigError(f"{where}: eval_stop_on_success keeps the first successful iterate of one PGD run; "
+                          f"set eval_restarts: 1 (got {full['eval_restarts']}) or eval_stop_on_success: false")
     full["defence_tasks"] = list(dict.fromkeys(full["defence_tasks"]))
     if full["defence"] != "none":
         trained = model_ssl_tasks(full)
