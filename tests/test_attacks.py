@@ -327,8 +327,13 @@ def test_stop_on_success_keeps_a_fooling_iterate_inside_the_ball(fmnist_adversar
     # rounding a shrinking batch may bring); some are fooled only at an intermediate iterate
     assert int((fooled_last & ~fooled_first).sum()) <= 2
     assert int(fooled_first.sum()) >= int(fooled_last.sum())
-    with pytest.raises(ValueError, match="one restart"):
-        pgd(model, x, y, stop_on_success=True, restarts=2, **kwargs)
+    # restarts attack only the examples not fooled yet: never fewer fooled than one restart
+    again = pgd(model, x, y, stop_on_success=True, restarts=3, generator=torch.Generator().manual_seed(4), **kwargs)
+    assert float((again - x).abs().max()) <= 0.15 + BALL_TOL
+    with torch.no_grad():
+        assert int((model(again).argmax(1) != y).sum()) >= int(fooled_first.sum())
+    with pytest.raises(ValueError, match="cross-entropy"):
+        pgd(model, x, y, objective=lambda m, a, b: m(a).sum(1), stop_on_success=True, **kwargs)
 
 
 def test_curve_with_stop_on_success_is_never_above_the_last_iterate_curve(fmnist_adversarial_cnn,
@@ -346,6 +351,7 @@ def test_curve_with_stop_on_success_is_never_above_the_last_iterate_curve(fmnist
     assert acc_first[0] == acc_last[0]
     assert all(a <= b + 2 / len(y) for a, b in zip(acc_first, acc_last)), (acc_first, acc_last)
     assert all(a >= b for a, b in zip(acc_first, acc_first[1:]))
-    assert resolve({"eval_stop_on_success": True})["eval_stop_on_success"] is True
-    with pytest.raises(ConfigError, match="eval_restarts: 1"):
-        resolve({"eval_stop_on_success": True, "eval_restarts": 3})
+    assert resolve({})["eval_stop_on_success"] is True
+    assert resolve({"eval_stop_on_success": False})["eval_stop_on_success"] is False
+    with pytest.raises(ConfigError, match="eval_stop_on_success"):
+        resolve({"eval_stop_on_success": "yes"})

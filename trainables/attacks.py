@@ -113,9 +113,10 @@ def pgd(
     evaluation in eval mode. In eval mode the attack runs on a copy of the model with its BatchNorms
     folded into the layers before them (`trainables.folding`; the same function up to float
     rounding, and `objective` gets that copy); `fold_bn=False` attacks the model as it is.
-    `stop_on_success` (cross-entropy objective, one restart) stops attacking an example at the first
-    iterate the model misclassifies and returns that iterate (as AutoAttack keeps any successful
-    iterate): a stronger and cheaper evaluation than the last iterate alone.
+    `stop_on_success` (cross-entropy objective) stops attacking an example at the first iterate the
+    model misclassifies and returns that iterate (as AutoAttack keeps any successful iterate; later
+    restarts attack only the examples not fooled yet): a stronger and cheaper evaluation than the
+    last iterate alone.
     """
     x = x.detach()
     if eps == 0 or steps == 0:
@@ -123,11 +124,11 @@ def pgd(
     if fold_bn and bn_mode == "eval":
         model = folded_for_eval(model)
     if stop_on_success:
-        if objective is not cross_entropy_objective or restarts != 1:
-            raise ValueError("stop_on_success needs the cross-entropy objective and one restart")
+        if objective is not cross_entropy_objective:
+            raise ValueError("stop_on_success needs the cross-entropy objective (it reads the logits)")
         with batchnorm_mode(model, bn_mode):
             return _pgd_until_misclassified(model, x, y, norm, eps, step_size, steps, random_start,
-                                            generator, init)
+                                            restarts, generator, init)
     best_x, best_loss = None, None
     with batchnorm_mode(model, bn_mode):
         for restart in range(restarts):
@@ -159,39 +160,45 @@ def pgd(
     return best_x
 
 
-def _pgd_until_misclassified(model, x, y, norm, eps, step_size, steps, random_start, generator, init):
+def _pgd_until_misclassified(model, x, y, norm, eps, step_size, steps, random_start, restarts, generator, init):
     """PGD on the cross-entropy in which an example leaves the batch at the first iterate the model
     misclassifies, keeping that iterate: the same trajectories as `pgd` until then (examples do not
-    interact in eval mode), and every example returned misclassified by `pgd` is misclassified
-    here too, so robust accuracy can only go down. The misclassification is read off the logits
-    the step computes anyway."""
-    if init is not None:
-        delta = init.to(x)
-    elif random_start:
-        delta = random_delta(x.shape, norm, eps, x.device, generator)
-    else:
-        delta = torch.zeros_like(x)
-    delta = project(delta, x, norm, eps)
+    interact in eval mode; up to the rounding a smaller batch may bring), so every example the last
+    iterate of `pgd` misclassifies is misclassified here too and robust accuracy can only go down.
+    Restarts attack only the examples no earlier restart fooled. The misclassification is read off
+    the logits each step computes anyway."""
     x_adv = x.clone()
     active = torch.arange(len(x), device=x.device)
-    x_act, y_act = x, y
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(x_act + delta)
-            loss = F.cross_entropy(logits, y_act, reduction="none")
-            (grad,) = torch.autograd.grad(loss.sum(), delta)
-        delta = delta.detach_()
-        fooled = logits.detach().argmax(1) != y_act
-        if fooled.any():
-            x_adv[active[fooled]] = (x_act[fooled] + delta[fooled]).clamp(0.0, 1.0)
-            kept = ~fooled
-            active, x_act, y_act = active[kept], x_act[kept], y_act[kept]
-            delta, grad = delta[kept], grad[kept]
-            if len(active) == 0:
-                return x_adv
-        delta = _step_and_project_(delta, grad, x_act, norm, eps, step_size)
-    x_adv[active] = (x_act + delta).clamp(0.0, 1.0)
+    for restart in range(restarts):
+        x_act, y_act = x[active], y[active]
+        if restart == 0 and init is not None:
+            delta = init.to(x)[active]
+        elif random_start:
+            delta = random_delta(x_act.shape, norm, eps, x.device, generator)
+        else:
+            delta = torch.zeros_like(x_act)
+        delta = project(delta, x_act, norm, eps)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(x_act + delta)
+                loss = F.cross_entropy(logits, y_act, reduction="none")
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+            delta = delta.detach_()
+            fooled = logits.detach().argmax(1) != y_act
+            if fooled.any():
+                x_adv[active[fooled]] = (x_act[fooled] + delta[fooled]).clamp(0.0, 1.0)
+                kept = ~fooled
+                active, x_act, y_act = active[kept], x_act[kept], y_act[kept]
+                delta, grad = delta[kept], grad[kept]
+                if len(active) == 0:
+                    return x_adv
+            delta = _step_and_project_(delta, grad, x_act, norm, eps, step_size)
+        x_adv[active] = (x_act + delta).clamp(0.0, 1.0)
+        with torch.no_grad():  # the last iterate: fooled ones are done, the rest try the next restart
+            active = active[model(x_adv[active]).argmax(1) == y[active]]
+        if len(active) == 0:
+            break
     return x_adv
 
 
