@@ -9,9 +9,10 @@ step 2.5·ε/steps and a random start, on two small_cnn models trained here with
 Trainer (3,000 images, 2 epochs): one PGD-3 adversarially trained at ε = 0.1 (target: ascending
 takes <= 0.7x the time of attack_all) and one standard-trained (reported too).
 
-A third variant, `ascending_stop` (`eval_stop_on_success`), also stops attacking an example at the
-first PGD iterate that fools it (attack "pgd_any_iterate"); its ratio is against the same
-attack_all reference, with the accuracies printed so the protocol difference is visible.
+A third variant, `ascending_stop`, also stops attacking an example at the first PGD iterate that
+fools it (attack "pgd_any_iterate", `eval_stop_on_success: true`, what studies run by default); its
+ratio is against the same attack_all reference, with the accuracies printed so any difference the
+protocol makes is visible.
 """
 from __future__ import annotations
 

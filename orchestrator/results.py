@@ -64,7 +64,7 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("label_noise", pa.float64(), True),  # fraction of training labels corrupted (null: older files)
     ("norm", pa.string(), True),  # null on corruption rows
     ("eps_test", pa.float64(), True),  # null on corruption rows
-    ("attack", pa.string(), False),  # "pgd", or "none" on corruption rows
+    ("attack", pa.string(), False),  # "pgd_any_iterate" or "pgd" (eval_stop_on_success), "none" at ε 0 and on corruption rows
     ("attack_steps", pa.int64(), True),  # null (or 0) on corruption rows
     ("step_size", pa.float64(), True),  # null (or 0) on corruption rows
     ("restarts", pa.int64(), True),  # null (or 0) on corruption rows
