@@ -36,7 +36,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
-from scipy import stats
+from scipy.special import stdtrit  # Student t quantiles; scipy.stats costs >1 s to import
 
 from orchestrator import results
 from orchestrator.errors import UserError
@@ -108,7 +108,7 @@ def mean_ci(values: Iterable[float]) -> tuple[float, float, int]:
         return math.nan, math.nan, 0
     if n == 1:
         return float(x[0]), math.nan, 1
-    half = float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    half = float(stdtrit(n - 1, 0.975) * x.std(ddof=1) / math.sqrt(n))
     return float(x.mean()), half, n
 
 
@@ -132,7 +132,7 @@ def diff_ci(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int
     if se == 0:
         return m, 0.0, n, False
     dof = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
-    return m, float(stats.t.ppf(0.975, dof) * se), n, False
+    return m, float(stdtrit(dof, 0.975) * se), n, False
 
 
 def _direction(mean: float, ci: float) -> str:
