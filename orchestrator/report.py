@@ -411,6 +411,15 @@ class _Colors:
         return "0.35" if ssl_task == "none" else self.map.get(float(lam), "k")
 
 
+def _suptitle(fig: Figure, text: str, **kwargs) -> None:
+    """The figure's title, wrapped to the figure's width (a one-panel figure is 5 in wide)."""
+    import textwrap
+
+    size = kwargs.get("fontsize", 10)
+    width = max(20, int(fig.get_figwidth() * 140 / size))  # ~0.5 em per character
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in text.split("\n")), **kwargs)
+
+
 def _new_figure(nrows: int, ncols: int, w: float = 4.3, h: float = 3.3, sharey: bool = False) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(max(w * ncols, 5.0), h * nrows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)  # render with Agg, without pyplot's global state
@@ -473,48 +482,59 @@ def _curve_order(kv):
     return (float(lam), task != "none")
 
 
+def _adv_panels(frame: pd.DataFrame, train_keys: list[str]):
+    """The figure of the robustness panels (attack variant columns × init, norm, ε_train, ... rows)
+    and an iterator over (axes, the panel's factor values), each panel already titled."""
+    col_f, row_f = _adv_layout(train_keys)
+    varying = set(_varying(frame, row_f))
+    cols, rows = _panel_layout(frame, col_f, row_f)
+    fig, axes = _new_figure(len(rows), len(cols), sharey=True)
+
+    def panels():
+        for i, rv in enumerate(rows):
+            for j, cv in enumerate(cols):
+                where = {**dict(zip(col_f, cv)), **dict(zip(row_f, rv))}
+                axes[i, j].set_title(_panel_title(where, varying), fontsize=8)
+                yield axes[i, j], where
+
+    return fig, axes, panels()
+
+
 def plot_robust_vs_eps(agg: pd.DataFrame, train_keys: list[str]) -> Figure | None:
     """Robust accuracy vs ε_test, one curve per λ; a panel per attack variant (columns) × init ×
     norm × ε_train (× any other swept factor) (rows); dashed line at ε_train (when the panel's norm
     is the training norm); shaded 95% CI band where n ≥ 2 seeds."""
     if agg.empty:
         return None
-    col_f, row_f = _adv_layout(train_keys)
-    varying = set(_varying(agg, row_f))
-    cols, rows = _panel_layout(agg, col_f, row_f)
     colors = _Colors(agg["ssl_weight"])
-    fig, axes = _new_figure(len(rows), len(cols), sharey=True)
-    for i, rv in enumerate(rows):
-        for j, cv in enumerate(cols):
-            ax = axes[i, j]
-            where = {**dict(zip(col_f, cv)), **dict(zip(row_f, rv))}
-            sel = _select(agg, where)
-            ax.set_title(_panel_title(where, varying), fontsize=8)
-            if sel.empty:
-                _empty_panel(ax, "no data")
-                continue
-            for (task, lam), c in sorted(sel.groupby(["ssl_task", "ssl_weight"]), key=_curve_order):
-                c = c.sort_values("eps_test")
-                x, y = c["eps_test"].to_numpy(float), c["mean"].to_numpy(float)
-                ci = c["ci95"].to_numpy(float)
-                color = colors(task, lam)
-                label = f"{_lam_label(task, lam)}, {_seed_label(c['n_seeds'])}"
-                ax.plot(x, y, marker="o", ms=3, lw=1.5, color=color, label=label,
-                        ls="--" if task == "none" else "-")
-                if np.isfinite(ci).any():
-                    ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.18, lw=0)
-            if where["norm"] == where.get("norm_train"):
-                et = where["eps_train"]
-                ax.axvline(et, color="0.3", ls="--", lw=1, label="_eps_train")
-                ax.annotate("ε_train", (et, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
-                            color="0.3", ha="left", va="top", xytext=(2, -2), textcoords="offset points")
-            _eps_ticks(ax, list(sel["eps_test"]), where.get("dataset"))
-            ax.set_xlabel(f"ε_test ({where['norm']})", fontsize=8)
-            ax.set_ylabel("robust accuracy", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6.5, loc="best")
+    fig, axes, panels = _adv_panels(agg, train_keys)
+    for ax, where in panels:
+        sel = _select(agg, where)
+        if sel.empty:
+            _empty_panel(ax, "no data")
+            continue
+        for (task, lam), c in sorted(sel.groupby(["ssl_task", "ssl_weight"]), key=_curve_order):
+            c = c.sort_values("eps_test")
+            x, y = c["eps_test"].to_numpy(float), c["mean"].to_numpy(float)
+            ci = c["ci95"].to_numpy(float)
+            color = colors(task, lam)
+            label = f"{_lam_label(task, lam)}, {_seed_label(c['n_seeds'])}"
+            ax.plot(x, y, marker="o", ms=3, lw=1.5, color=color, label=label,
+                    ls="--" if task == "none" else "-")
+            if np.isfinite(ci).any():
+                ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.18, lw=0)
+        if where["norm"] == where.get("norm_train"):
+            et = where["eps_train"]
+            ax.axvline(et, color="0.3", ls="--", lw=1, label="_eps_train")
+            ax.annotate("ε_train", (et, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="0.3", ha="left", va="top", xytext=(2, -2), textcoords="offset points")
+        _eps_ticks(ax, list(sel["eps_test"]), where.get("dataset"))
+        ax.set_xlabel(f"ε_test ({where['norm']})", fontsize=8)
+        ax.set_ylabel("robust accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="best")
     axes[0, 0].set_ylim(bottom=0)
-    fig.suptitle("Robust accuracy vs ε_test (mean over seeds, shaded: 95% t-interval)", fontsize=10)
+    _suptitle(fig, "Robust accuracy vs ε_test (mean over seeds, shaded: 95% t-interval)", fontsize=10)
     return fig
 
 
@@ -553,40 +573,33 @@ def plot_delta_vs_lambda0(delta: pd.DataFrame, agg: pd.DataFrame, train_keys: li
     panels = agg[(agg["eps_train"] > 0) & (agg["norm"] == agg["norm_train"])]
     if panels.empty:
         return None
-    col_f, row_f = _adv_layout(train_keys)
-    varying = set(_varying(panels, row_f))
-    cols, rows = _panel_layout(panels, col_f, row_f)
     colors = _Colors(agg["ssl_weight"])
-    fig, axes = _new_figure(len(rows), len(cols), sharey=True)
-    for i, rv in enumerate(rows):
-        for j, cv in enumerate(cols):
-            ax = axes[i, j]
-            where = {**dict(zip(col_f, cv)), **dict(zip(row_f, rv))}
-            ax.set_title(_panel_title(where, varying), fontsize=8)
-            if _select(panels, where).empty:
-                _empty_panel(ax, "no data")
-                continue
-            sel = _select(delta, where) if not delta.empty else delta
-            if sel.empty:
-                _empty_panel(ax, NO_BASELINE)
-                continue
-            et = float(where["eps_train"])
-            for (task, lam), c in sorted(sel.groupby(["ssl_task", "ssl_weight"]), key=_curve_order):
-                c = c.sort_values("eps_test")
-                x = c["eps_test"].to_numpy(float) / et
-                y, ci = c["delta"].to_numpy(float), c["ci95"].to_numpy(float)
-                color = colors(task, lam)
-                ax.plot(x, y, marker="o", ms=3, lw=1.5, color=color,
-                        label=f"{_lam_label(task, lam)} − λ=0, {_seed_label(c['n_seeds'])}")
-                if np.isfinite(ci).any():
-                    ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.18, lw=0)
-            ax.axhline(0, color="0.3", lw=1, label="_zero")
-            ax.axvline(1, color="0.3", ls="--", lw=1, label="_eps_train")
-            ax.set_xlabel("ε_test / ε_train", fontsize=8)
-            ax.set_ylabel("Δ robust accuracy vs λ=0", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6.5, loc="lower left")
-    fig.suptitle("Change in robust accuracy from the SSL loss (paired by seed, shaded: 95% t-interval)", fontsize=10)
+    fig, axes, grid = _adv_panels(panels, train_keys)
+    for ax, where in grid:
+        if _select(panels, where).empty:
+            _empty_panel(ax, "no data")
+            continue
+        sel = _select(delta, where) if not delta.empty else delta
+        if sel.empty:
+            _empty_panel(ax, NO_BASELINE)
+            continue
+        et = float(where["eps_train"])
+        for (task, lam), c in sorted(sel.groupby(["ssl_task", "ssl_weight"]), key=_curve_order):
+            c = c.sort_values("eps_test")
+            x = c["eps_test"].to_numpy(float) / et
+            y, ci = c["delta"].to_numpy(float), c["ci95"].to_numpy(float)
+            color = colors(task, lam)
+            ax.plot(x, y, marker="o", ms=3, lw=1.5, color=color,
+                    label=f"{_lam_label(task, lam)} − λ=0, {_seed_label(c['n_seeds'])}")
+            if np.isfinite(ci).any():
+                ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.18, lw=0)
+        ax.axhline(0, color="0.3", lw=1, label="_zero")
+        ax.axvline(1, color="0.3", ls="--", lw=1, label="_eps_train")
+        ax.set_xlabel("ε_test / ε_train", fontsize=8)
+        ax.set_ylabel("Δ robust accuracy vs λ=0", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower left")
+    _suptitle(fig, "Change in robust accuracy from the SSL loss (paired by seed, shaded: 95% t-interval)", fontsize=10)
     return fig
 
 
@@ -625,7 +638,7 @@ def plot_corruptions(agg_cor: pd.DataFrame, train_keys: list[str]) -> Figure | N
             ax.set_ylabel("accuracy", fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6.5)
-    fig.suptitle("Accuracy under natural corruptions (mean over seeds, shaded: 95% t-interval)", fontsize=10)
+    _suptitle(fig, "Accuracy under natural corruptions (mean over seeds, shaded: 95% t-interval)", fontsize=10)
     return fig
 
 
@@ -713,7 +726,7 @@ def plot_clean_vs_robust(table: pd.DataFrame, train_keys: list[str]) -> Figure |
     for n in range(len(panels), nrows * ncols):
         axes[n // ncols, n % ncols].set_visible(False)
     one = int(table["n_seeds"].max()) <= 1
-    fig.suptitle("Clean vs robust accuracy" + (f" ({ONE_SEED})" if one else " (bars: 95% t-intervals)"), fontsize=10)
+    _suptitle(fig, "Clean vs robust accuracy" + (f" ({ONE_SEED})" if one else " (bars: 95% t-intervals)"), fontsize=10)
     return fig
 
 
@@ -956,7 +969,7 @@ def plot_defence(table: pd.DataFrame) -> Figure | None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18))
-    fig.suptitle("Test-time SSL-reversal defence\nsolid: plain PGD, dashed: adaptive PGD", fontsize=10)
+    _suptitle(fig, "Test-time SSL-reversal defence\nsolid: plain PGD, dashed: adaptive PGD", fontsize=10)
     return fig
 
 
@@ -1002,7 +1015,7 @@ def plot_ood_auroc(agg_ood: pd.DataFrame, train_keys: list[str]) -> Figure | Non
             ax.set_ylabel("AUROC (in-distribution vs OOD)", fontsize=8)
             ax.grid(alpha=0.3, axis="y")
             ax.legend(fontsize=6.5, loc="lower right")
-    fig.suptitle("OOD detection: AUROC per OOD set (mean over seeds, bars: 95% t-interval)", fontsize=10)
+    _suptitle(fig, "OOD detection: AUROC per OOD set (mean over seeds, bars: 95% t-interval)", fontsize=10)
     return fig
 
 
@@ -1116,7 +1129,7 @@ def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figu
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="upper right")
-    fig.suptitle("Randomized smoothing: certified accuracy against radius\n(mean over seeds, shaded: 95% t-interval)",
+    _suptitle(fig, "Randomized smoothing: certified accuracy against radius\n(mean over seeds, shaded: 95% t-interval)",
                  fontsize=10)
     return fig
 
@@ -1163,7 +1176,7 @@ def plot_label_noise(table: pd.DataFrame, train_keys: list[str]) -> Figure | Non
         ax.set_ylabel("clean test accuracy", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="lower left")
-    fig.suptitle("Label corruption: clean test accuracy against p\n(mean over seeds, shaded: 95% t-interval)",
+    _suptitle(fig, "Label corruption: clean test accuracy against p\n(mean over seeds, shaded: 95% t-interval)",
                  fontsize=10)
     return fig
 
