@@ -1257,6 +1257,23 @@ def _missing_cells(expected: dict[str, dict], present: set[str]) -> pd.DataFrame
     )
 
 
+def _write_table(out: Path, study: str, name: str, title: str, caption: str, table: pd.DataFrame,
+                 text: pd.DataFrame, fixed: dict, table_html: list[str]) -> list[str]:
+    """Write a report table as `<name>.md` (the displayed `text`, with the values `fixed` across it)
+    and `<name>.csv` (the full `table`), append its HTML section; return the two paths."""
+    fixed_txt = "; ".join(f"{_label(k)} = {_fmt(v, k)}" for k, v in fixed.items())
+    md = f"# {title} (study {study})\n\n{caption}\n\n" + (f"Fixed: {fixed_txt}\n\n" if fixed_txt else "") + to_markdown(text)
+    (out / f"{name}.md").write_text(md, encoding="utf-8")
+    table.to_csv(out / f"{name}.csv", index=False)
+    table_html.append(
+        f"<h3 id='{name}'>{html.escape(title)}</h3><p class='caption'>{html.escape(caption)}</p>"
+        + (f"<p class='fixed'>Fixed: {html.escape(fixed_txt)}</p>" if fixed_txt else "")
+        + text.to_html(index=False, escape=True, border=0, classes="t")
+        + f"<p class='files'>{name}.csv · {name}.md</p>"
+    )
+    return [str(out / f"{name}.md"), str(out / f"{name}.csv")]
+
+
 def build_report(
     study: str,
     storage: str = "runs",
@@ -1387,17 +1404,7 @@ def build_report(
             table_html.append(f"<h3>{html.escape(title)}</h3><p class='note'>Not available: {html.escape(empty_reason[name])}.</p>")
             continue
         text, fixed = _display(table, keep=data.extras)
-        fixed_txt = "; ".join(f"{_label(k)} = {_fmt(v, k)}" for k, v in fixed.items())
-        md = f"# {title} (study {study})\n\n{caption}\n\n" + (f"Fixed: {fixed_txt}\n\n" if fixed_txt else "") + to_markdown(text)
-        (out / f"{name}.md").write_text(md, encoding="utf-8")
-        table.to_csv(out / f"{name}.csv", index=False)
-        table_paths += [str(out / f"{name}.md"), str(out / f"{name}.csv")]
-        table_html.append(
-            f"<h3 id='{name}'>{html.escape(title)}</h3><p class='caption'>{html.escape(caption)}</p>"
-            + (f"<p class='fixed'>Fixed: {html.escape(fixed_txt)}</p>" if fixed_txt else "")
-            + text.to_html(index=False, escape=True, border=0, classes="t")
-            + f"<p class='files'>{name}.csv · {name}.md</p>"
-        )
+        table_paths += _write_table(out, study, name, title, caption, table, text, fixed, table_html)
     extra_tables = [
         ("ood", "Out-of-distribution detection",
          "Per λ × OOD set × score: AUROC, AUPR (in-distribution as positive, as in Hendrycks' code) and FPR "
@@ -1422,17 +1429,7 @@ def build_report(
         if table.empty:
             continue  # not an OOD / label-noise study: nothing to say
         text, fixed = _display(display(table), keep=data.extras)
-        fixed_txt = "; ".join(f"{_label(k)} = {_fmt(v, k)}" for k, v in fixed.items())
-        md = f"# {title} (study {study})\n\n{caption}\n\n" + (f"Fixed: {fixed_txt}\n\n" if fixed_txt else "") + to_markdown(text)
-        (out / f"{name}.md").write_text(md, encoding="utf-8")
-        table.to_csv(out / f"{name}.csv", index=False)
-        table_paths += [str(out / f"{name}.md"), str(out / f"{name}.csv")]
-        table_html.append(
-            f"<h3 id='{name}'>{html.escape(title)}</h3><p class='caption'>{html.escape(caption)}</p>"
-            + (f"<p class='fixed'>Fixed: {html.escape(fixed_txt)}</p>" if fixed_txt else "")
-            + text.to_html(index=False, escape=True, border=0, classes="t")
-            + f"<p class='files'>{name}.csv · {name}.md</p>"
-        )
+        table_paths += _write_table(out, study, name, title, caption, table, text, fixed, table_html)
     # the full aggregate (CSV and Markdown only, linked from the HTML)
     full = pd.concat([agg_adv.assign(kind="adversarial"), agg_cor.assign(kind="corruption")], ignore_index=True)
     full = full.merge(clean_agg[tk + ["mean", "ci95"]].rename(columns={"mean": "clean_mean", "ci95": "clean_ci95"}),

@@ -168,12 +168,10 @@ def check_datasets(pending: list[Trial], fixed: dict, data_dir: str | None) -> N
     """Both splits of every dataset the pending trials use must be readable (downloaded once if
     missing); a missing dataset is one line naming it and how to get it, before any trial starts.
     NumPy readers only: the driver never needs torch."""
-    from pathlib import Path
-
     from trainables.config import resolve
-    from trainables.datafiles import DatasetUnavailable, default_data_dir, load_arrays
+    from trainables.datafiles import DatasetUnavailable, data_root, load_arrays
 
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    root = data_root(data_dir)
     names = sorted({t.config["dataset"] for t in pending}) or [resolve(fixed)["dataset"]]
     try:
         for name in names:

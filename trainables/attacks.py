@@ -52,6 +52,18 @@ def random_delta(
     return direction * radius * eps
 
 
+def _start_delta(x: torch.Tensor, norm: str, eps: float, init: torch.Tensor | None, random_start: bool,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """A restart's starting δ, projected: `init` if given, else random or zero."""
+    if init is not None:
+        delta = init.to(x)
+    elif random_start:
+        delta = random_delta(x.shape, norm, eps, x.device, generator)
+    else:
+        delta = torch.zeros_like(x)
+    return project(delta, x, norm, eps)
+
+
 def _ascent_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "linf":
         return grad.sign()
@@ -132,13 +144,7 @@ def pgd(
     best_x, best_loss = None, None
     with batchnorm_mode(model, bn_mode):
         for restart in range(restarts):
-            if restart == 0 and init is not None:
-                delta = init.to(x)
-            elif random_start:
-                delta = random_delta(x.shape, norm, eps, x.device, generator)
-            else:
-                delta = torch.zeros_like(x)
-            delta = project(delta, x, norm, eps)
+            delta = _start_delta(x, norm, eps, init if restart == 0 else None, random_start, generator)
             for _ in range(steps):
                 delta.requires_grad_(True)
                 # enable_grad: an attack must work when called under torch.no_grad() too.
@@ -171,13 +177,8 @@ def _pgd_until_misclassified(model, x, y, norm, eps, step_size, steps, random_st
     active = torch.arange(len(x), device=x.device)
     for restart in range(restarts):
         x_act, y_act = x[active], y[active]
-        if restart == 0 and init is not None:
-            delta = init.to(x)[active]
-        elif random_start:
-            delta = random_delta(x_act.shape, norm, eps, x.device, generator)
-        else:
-            delta = torch.zeros_like(x_act)
-        delta = project(delta, x_act, norm, eps)
+        start = init.to(x)[active] if restart == 0 and init is not None else None
+        delta = _start_delta(x_act, norm, eps, start, random_start, generator)
         for _ in range(steps):
             delta.requires_grad_(True)
             with torch.enable_grad():

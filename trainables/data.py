@@ -23,6 +23,7 @@ from trainables.datafiles import (  # noqa: F401 - re-exported: the dataset API 
     DEBIAN_FASHION_MNIST,
     DatasetInfo,
     DatasetUnavailable,
+    data_root,
     dataset_info,
     default_data_dir,
     load_arrays,
@@ -76,8 +77,7 @@ def load_split(
     """Load a split as uint8 tensors on `device`; `subset` picks that many examples at random
     (seeded by `seed`, so every trial with the same seed sees the same examples)."""
     info = dataset_info(name)
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    images, labels = _load_cached(name, bool(train), root, download)
+    images, labels = _load_cached(name, bool(train), data_root(data_dir), download)
     if subset is not None:
         if subset < 1:
             raise ValueError(f"subset must be a positive number of examples, got {subset}")

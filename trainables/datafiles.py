@@ -65,6 +65,11 @@ def dataset_info(name: str) -> DatasetInfo:
     return _INFOS[name]
 
 
+def data_root(data_dir: str | os.PathLike | None) -> Path:
+    """The folder datasets are looked for in and downloaded to: `data_dir`, else the default."""
+    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+
+
 def default_data_dir() -> Path:
     env = os.environ.get("SSLROBUST_DATA_DIR")
     if env:
