@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -82,6 +83,11 @@ def test_grid_study_end_to_end_then_rerun_and_extend(ray_cluster, workspace):
         assert "robust_accuracy_curve.png" in artifacts and f"{chash}.parquet" in artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert "report/report.html" in parent_artifacts
+    # Tune's own result files are there for each trial; its TensorBoard files are not (runner.tune_loggers).
+    tune_files = [p for p in Path(options.storage, "tune").rglob("*") if p.is_file()]
+    assert sum(p.name == "result.json" for p in tune_files) == 4
+    assert sum(p.name == "progress.csv" for p in tune_files) == 4
+    assert not [p for p in tune_files if p.name.startswith("events.out.tfevents")]
 
     # Re-running runs nothing and changes nothing.
     _, again, text = run("grid", options)
