@@ -1280,9 +1280,11 @@ def build_report(
     out_dir: str | None = None,
     spec_text: str | None = None,
     expected_hashes: dict[str, dict] | None = None,
+    table=None,
 ) -> ReportFiles:
-    """Rebuild the report of `study` from its Parquet results; returns the files written."""
-    df = results.load(study, storage)
+    """Rebuild the report of `study` from its Parquet results (`table`: those results already read
+    by `results.load`); returns the files written."""
+    df = results.load(study, storage) if table is None else table
     if df.empty:
         raise ReportError(
             f"no results for study '{study}' in {results.study_dir(storage, study)}: "

@@ -112,7 +112,7 @@ def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, ou
     report_path = None
     try:
         files = build_report(spec.name, storage, spec_text=spec.text,
-                             expected_hashes={t.config_hash: t.config for t in trials} or None)
+                             expected_hashes={t.config_hash: t.config for t in trials} or None, table=table)
         report_path = str(files.html)
     except UserError as err:
         print(f"report not written: {err}", file=out)
