@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -275,13 +276,14 @@ def _write_decoded(root: Path, name: str, train: bool, found, images: np.ndarray
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.unlink(missing_ok=True)
         for path, array in ((images_path, images), (labels_path, labels)):
-            # Two workers may decode the same split at once: each writes its own file, then renames.
-            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            # Workers (on several nodes, if the data folder is shared) may decode the same split at
+            # once: each writes a file of its own, then renames it.
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
             written.append(partial)
             with open(partial, "wb") as f:
                 np.save(f, array)
             os.replace(partial, path)
-        partial = stamp.with_name(f".{stamp.name}.{os.getpid()}.partial")
+        partial = stamp.with_name(f".{stamp.name}.{uuid.uuid4().hex}.partial")
         written.append(partial)
         partial.write_text(json.dumps({"format": DECODED_FORMAT, "sources": _source_stats(found)}))
         os.replace(partial, stamp)
