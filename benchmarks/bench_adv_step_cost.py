@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-
 import common
 from trainables.objectives import SSLBatch, update_loss
 from trainables.train import Trainer

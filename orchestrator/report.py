@@ -1130,7 +1130,7 @@ def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figu
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="upper right")
     _suptitle(fig, "Randomized smoothing: certified accuracy against radius\n(mean over seeds, shaded: 95% t-interval)",
-                 fontsize=10)
+              fontsize=10)
     return fig
 
 
@@ -1177,7 +1177,7 @@ def plot_label_noise(table: pd.DataFrame, train_keys: list[str]) -> Figure | Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="lower left")
     _suptitle(fig, "Label corruption: clean test accuracy against p\n(mean over seeds, shaded: 95% t-interval)",
-                 fontsize=10)
+              fontsize=10)
     return fig
 
 

@@ -99,6 +99,7 @@ KEY_COLUMNS: tuple[str, ...] = (
     "radius", "attack", "defence",
 )
 PARTITION_KEY = "study"
+PARQUET_COMPRESSION = "zstd"  # the study file and its copy logged to MLflow
 
 assert set(KEY_COLUMNS) <= set(COLUMNS)
 
@@ -309,7 +310,7 @@ def write_trial(storage: str, study: str, config_hash: str, rows: list[dict], co
     try:
         fs.create_dir(dir_path, recursive=True)
         with fs.open_output_stream(tmp) as out:
-            pq.write_table(table, out, compression="zstd")
+            pq.write_table(table, out, compression=PARQUET_COMPRESSION)
         fs.move(tmp, final)
     except Exception as exc:
         try:
@@ -318,7 +319,7 @@ def write_trial(storage: str, study: str, config_hash: str, rows: list[dict], co
             pass
         raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
     if copy_to is not None:
-        pq.write_table(table, copy_to, compression="zstd")
+        pq.write_table(table, copy_to, compression=PARQUET_COMPRESSION)
     return final_uri
 
 

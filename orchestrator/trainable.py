@@ -212,7 +212,8 @@ def run_trial(params: dict, context: StudyContext) -> None:
     summary = summary_metrics(config, records)
     with tempfile.TemporaryDirectory() as folder:
         local_copy = os.path.join(folder, f"{chash}.parquet")
-        parquet_path = results.write_trial(context.storage, context.study, chash, rows, copy_to=local_copy)
+        parquet_path = results.write_trial(context.storage, context.study, chash, rows,
+                                           copy_to=local_copy if tracker is not None else None)
         if tracker is not None:
             tracker.log_result_metrics({**result_metrics(records), **summary})
             tracker.log_artifact(plot_trial_curve(records, config, os.path.join(folder, "robust_accuracy_curve.png")))

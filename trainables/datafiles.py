@@ -237,7 +237,8 @@ DECODED_FORMAT = 1
 
 def _source_stats(found) -> list[list]:
     paths = [found] if isinstance(found, Path) else list(found)
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    stats = [(p, p.stat()) for p in paths]
+    return [[str(p), st.st_size, st.st_mtime_ns] for p, st in stats]
 
 
 def _decoded_paths(root: Path, name: str, train: bool) -> tuple[Path, Path, Path]:
