@@ -234,6 +234,42 @@ def tune_loggers() -> list:
     return [JsonLoggerCallback(), CSVLoggerCallback()]
 
 
+def _open_invocation(spec: StudySpec, options: RunOptions, storage: str, tracking_uri: str, trials, pending,
+                     out) -> tuple[str | None, str, str, dict]:
+    """The Tune run to restore (--resume) or None, and this invocation's MLflow experiment id,
+    parent run id and provenance tags."""
+    previous = _invocation_dirs(storage, spec.name)
+    restore_path = None
+    if options.resume:
+        from ray.tune import Tuner
+
+        restorable = [p for p in previous if Tuner.can_restore(p)]
+        if restorable:
+            restore_path = restorable[-1]
+        else:
+            print(f"--resume: no interrupted run of {spec.name} under {storage}/tune; starting the "
+                  f"missing cells afresh", file=out)
+
+    experiment_id = tracking.study_experiment(tracking_uri, spec.name)
+    parent_run_id = _read_invocation(restore_path).get("parent_run_id") if restore_path else None
+    provenance = tracking.provenance_tags()
+    if parent_run_id:
+        tracking.reopen_run(tracking_uri, parent_run_id)
+    else:
+        parent_run_id = tracking.start_parent_run(
+            tracking_uri, experiment_id, spec.name,
+            params={"scale": spec.scale, "trials": len(trials), "to_run": len(pending),
+                    "factors": json.dumps(spec.factors), "seeds": json.dumps(spec.seeds),
+                    **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
+            tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage},
+        )
+    stale = tracking.close_stale_runs(tracking_uri, experiment_id, exclude={parent_run_id})
+    if stale:
+        print(f"marked {len(stale)} MLflow run(s) left RUNNING by an earlier, interrupted invocation as KILLED",
+              file=out)
+    return restore_path, experiment_id, parent_run_id, provenance
+
+
 def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutcome:
     # Per-epoch checkpoints of short trials are expected here, not a bottleneck worth a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -270,49 +306,32 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         if not ray.is_initialized():  # else check_cluster_resources asks the Ray we are part of
             check_local_gpus(resources)
         check_datasets(pending, spec.fixed, options.data_dir)
+    import ray
     from ray import tune  # imported after the checks above: a bad input fails in a second or two
 
     from .search import search_setup
     from .trainable import StudyContext, run_trial
+    from .tracking_service import start_tracking_service
 
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
+    # Started first: the service imports MLflow while this process creates the parent run.
+    tracking_service = start_tracking_service(tracking_uri)
 
-    previous = _invocation_dirs(storage, spec.name)
-    restore_path = None
-    if options.resume:
-        from ray.tune import Tuner
-
-        restorable = [p for p in previous if Tuner.can_restore(p)]
-        if restorable:
-            restore_path = restorable[-1]
-        else:
-            print(f"--resume: no interrupted run of {spec.name} under {storage}/tune; starting the "
-                  f"missing cells afresh", file=out)
-
-    experiment_id = tracking.study_experiment(tracking_uri, spec.name)
-    parent_run_id = _read_invocation(restore_path).get("parent_run_id") if restore_path else None
-    provenance = tracking.provenance_tags()
-    if parent_run_id:
-        tracking.reopen_run(tracking_uri, parent_run_id)
-    else:
-        parent_run_id = tracking.start_parent_run(
-            tracking_uri, experiment_id, spec.name,
-            params={"scale": spec.scale, "trials": len(trials), "to_run": len(pending),
-                    "factors": json.dumps(spec.factors), "seeds": json.dumps(spec.seeds),
-                    **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
-            tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage},
-        )
-    stale = tracking.close_stale_runs(tracking_uri, experiment_id, exclude={parent_run_id})
-    if stale:
-        print(f"marked {len(stale)} MLflow run(s) left RUNNING by an earlier, interrupted invocation as KILLED",
-              file=out)
+    try:
+        restore_path, experiment_id, parent_run_id, provenance = _open_invocation(
+            spec, options, storage, tracking_uri, trials, pending, out)
+    except BaseException:
+        ray.kill(tracking_service)
+        raise
     outcome.parent_run_id = parent_run_id
+    tracking_service.open.remote(experiment_id, parent_run_id)
 
     context = StudyContext(
         study=spec.name, storage=storage, tracking_uri=tracking_uri, experiment_id=experiment_id,
         parent_run_id=parent_run_id, fixed=dict(spec.fixed), cpus_per_trial=resources["cpu"],
         data_dir=options.data_dir, git_sha=provenance.get("sslrobust.git_sha"), provenance=provenance,
+        tracking_service=tracking_service,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": resources["cpu"], "gpu": resources["gpu"]})
@@ -388,6 +407,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         status = "KILLED"
         raise
     finally:
+        ray.kill(tracking_service)  # every trial's finish() has returned: nothing is left to write
         try:
             tracking.end_run(tracking_uri, parent_run_id, status)
         except tracking.TrackingError as err:  # e.g. the server went away: results are in Parquet

@@ -620,6 +620,17 @@ def close_stale_runs(
     return _driver_call(uri, f"close stale runs of experiment {experiment_id}", run)
 
 
+def child_run_hashes(uri: str, experiment_id: str, parent_run_id: str) -> set[str]:
+    """The config hashes that already have a child run under ``parent_run_id`` (one search)."""
+
+    def run():
+        filt = f"tags.`{PARENT_TAG}` = '{_quote(parent_run_id)}'"
+        return {r.data.tags[HASH_TAG] for r in _search_all(_client(uri), experiment_id, filt)
+                if HASH_TAG in r.data.tags}
+
+    return _driver_call(uri, f"list the child runs of {parent_run_id}", run)
+
+
 # --------------------------------------------------------------------------------------------
 # one trial, inside a Ray worker: never raises
 # --------------------------------------------------------------------------------------------
@@ -710,15 +721,18 @@ class TrialTracker:
             return None
 
     # -- API --------------------------------------------------------------------------------
-    def start(self, params: dict, tags: dict, existing_run_id: str | None = None) -> str | None:
+    def start(self, params: dict, tags: dict, existing_run_id: str | None = None,
+              search_existing: bool = True) -> str | None:
         """Reuse ``existing_run_id`` (from the checkpoint of a retried trial) if it is this
         trial's run, else a child run of the parent with the same config hash, else create one.
-        Logs the (missing) params and the tags; returns the run id, or None on failure."""
+        ``search_existing=False`` skips the search for such a child: for a caller that knows every
+        child of the parent (the study's tracking service). Logs the (missing) params and the tags;
+        returns the run id, or None on failure."""
 
         def run():
             client = self._get_client()
             found = self._reusable(client, existing_run_id) if existing_run_id else None
-            if found is None:
+            if found is None and search_existing:
                 found = self._find_child(client)
             extra_tags = _tag_dict(tags)
             if found is None:

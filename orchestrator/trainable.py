@@ -13,7 +13,9 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray import tune
@@ -22,7 +24,8 @@ from trainables.config import resolve
 
 from . import results
 from .spec import config_hash
-from .tracking import TrialTracker, label_free_metric_name, ood_metric_name, result_metric_name
+from .tracking import label_free_metric_name, ood_metric_name, result_metric_name
+from .tracking_service import RemoteTrialTracker
 
 # torch, the trainer, pre-training and the figure are imported inside the trial: the driver imports
 # this module only to hand `run_trial` to Ray, and importing torch there costs it more than a second.
@@ -50,6 +53,7 @@ class StudyContext:
     data_dir: str | None = None
     git_sha: str | None = None
     provenance: dict | None = None
+    tracking_service: Any = None  # the TrackingService actor handle; None: trials are not tracked
 
 
 def trial_config(params: dict, context: StudyContext) -> dict:
@@ -189,25 +193,27 @@ def run_trial(params: dict, context: StudyContext) -> None:
         trainer.load_state_dict(state["trainer"])
         log(f"trial {chash} resumes after epoch {trainer.epoch}")
 
-    tracker = TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, chash,
-                           run_name=f"{context.study}-{chash[:8]}") if context.experiment_id else None
-    if tracker is not None:
+    tracker = None
+    if context.tracking_service is not None:
+        tracker = RemoteTrialTracker(context.tracking_service, context.experiment_id, context.parent_run_id, chash,
+                                     run_name=f"{context.study}-{chash[:8]}", attempt=f"{trial_id}-{uuid.uuid4().hex}")
         tracker.start(
             params=config,
             tags={**(context.provenance or {}), "sslrobust.study": context.study, "sslrobust.node_id": node_id},
             existing_run_id=state.get("mlflow_run_id") if state else None,
         )
-    run_id = tracker.run_id if tracker is not None else None
 
     for metrics in trainer.epochs():
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+        run_id = tracker.run_id if tracker is not None else None  # the first epoch ran while it was created
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id, "config_hash": chash},
                        os.path.join(folder, CHECKPOINT_FILE))
             tune.report({**metrics, "config_hash": chash}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     records = trainer.evaluate()
+    run_id = tracker.run_id if tracker is not None else None
     rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id)
     summary = summary_metrics(config, records)
     with tempfile.TemporaryDirectory() as folder:
@@ -216,7 +222,7 @@ def run_trial(params: dict, context: StudyContext) -> None:
                                            copy_to=local_copy if tracker is not None else None)
         if tracker is not None:
             tracker.log_result_metrics({**result_metrics(records), **summary})
-            tracker.log_artifact(plot_trial_curve(records, config, os.path.join(folder, "robust_accuracy_curve.png")))
+            tracker.log_artifact(plot_trial_curve(records, config, os.path.join(folder, "robust_accuracy_curve.svg")))
             tracker.log_artifact(local_copy)
             tracker.finish("FINISHED")
     tracking_error = tracker.error if tracker is not None and not tracker.ok else ""

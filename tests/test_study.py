@@ -80,7 +80,7 @@ def test_grid_study_end_to_end_then_rerun_and_extend(ray_cluster, workspace):
             table[(table.config_hash == chash) & (table.eps_test == 0.1)]["robust_acc"].iloc[0])
         assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 2  # one per epoch
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert "robust_accuracy_curve.png" in artifacts and f"{chash}.parquet" in artifacts
+        assert "robust_accuracy_curve.svg" in artifacts and f"{chash}.parquet" in artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert "report/report.html" in parent_artifacts
     # Tune's own result files are there for each trial; its TensorBoard files are not (runner.tune_loggers).
