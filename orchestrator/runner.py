@@ -223,51 +223,35 @@ def _read_invocation(experiment_path: str) -> dict:
         return {}
 
 
-def tune_loggers() -> list:
-    """Tune's JSON and CSV result files in each trial folder, without its TensorBoard logger: that
-    one imports tensorboardX and through it torch into the driver (1.5 s of CPU at every study start,
-    taken from the workers starting at the same time); the study's dashboards are MLflow's.
-    TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in the environment brings it back."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    return [JsonLoggerCallback(), CSVLoggerCallback()]
+# Tune's JSON and CSV result files in each trial folder (Result.metrics_dataframe reads them).
+TUNE_RESULT_LOGGERS = ("ray.tune.logger.JsonLoggerCallback", "ray.tune.logger.CSVLoggerCallback")
 
 
-def _open_invocation(spec: StudySpec, options: RunOptions, storage: str, tracking_uri: str, trials, pending,
-                     out) -> tuple[str | None, str, str, dict]:
-    """The Tune run to restore (--resume) or None, and this invocation's MLflow experiment id,
-    parent run id and provenance tags."""
-    previous = _invocation_dirs(storage, spec.name)
-    restore_path = None
-    if options.resume:
-        from ray.tune import Tuner
+def use_tune_result_loggers() -> None:
+    """Tune's JSON and CSV result files without its TensorBoard logger: that one imports tensorboardX
+    and through it torch into the driver (1.5 s of CPU at every study start, taken from the workers
+    starting at the same time); the study's dashboards are MLflow's. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
+    in the environment brings it back. The loggers are named in RAY_TUNE_CALLBACKS rather than passed
+    as RunConfig(callbacks=...): Tune's usage statistics on RunConfig callbacks import every logging
+    integration Ray ships, MLflow's among them (0.9 s of the driver's CPU at the same moment)."""
+    if os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1") != "1":
+        return  # Tune adds its three default loggers itself
+    named = [c.strip() for c in os.environ.get("RAY_TUNE_CALLBACKS", "").split(",") if c.strip()]
+    os.environ["RAY_TUNE_CALLBACKS"] = ",".join(named + [c for c in TUNE_RESULT_LOGGERS if c not in named])
 
-        restorable = [p for p in previous if Tuner.can_restore(p)]
-        if restorable:
-            restore_path = restorable[-1]
-        else:
-            print(f"--resume: no interrupted run of {spec.name} under {storage}/tune; starting the "
-                  f"missing cells afresh", file=out)
 
-    experiment_id = tracking.study_experiment(tracking_uri, spec.name)
-    parent_run_id = _read_invocation(restore_path).get("parent_run_id") if restore_path else None
-    provenance = tracking.provenance_tags()
-    if parent_run_id:
-        tracking.reopen_run(tracking_uri, parent_run_id)
-    else:
-        parent_run_id = tracking.start_parent_run(
-            tracking_uri, experiment_id, spec.name,
-            params={"scale": spec.scale, "trials": len(trials), "to_run": len(pending),
-                    "factors": json.dumps(spec.factors), "seeds": json.dumps(spec.seeds),
-                    **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
-            tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage},
-        )
-    stale = tracking.close_stale_runs(tracking_uri, experiment_id, exclude={parent_run_id})
-    if stale:
-        print(f"marked {len(stale)} MLflow run(s) left RUNNING by an earlier, interrupted invocation as KILLED",
-              file=out)
-    return restore_path, experiment_id, parent_run_id, provenance
+def _restore_path(spec: StudySpec, options: RunOptions, storage: str, out) -> str | None:
+    """The interrupted Tune run --resume restores, or None."""
+    if not options.resume:
+        return None
+    from ray.tune import Tuner
+
+    restorable = [p for p in _invocation_dirs(storage, spec.name) if Tuner.can_restore(p)]
+    if restorable:
+        return restorable[-1]
+    print(f"--resume: no interrupted run of {spec.name} under {storage}/tune; starting the "
+          f"missing cells afresh", file=out)
+    return None
 
 
 def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutcome:
@@ -296,7 +280,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     if spec.search is None and not pending and not options.resume:
         print(f"every one of the {len(trials)} trials of {spec.name} has results; nothing to run "
               f"(add values to a factor or seeds to run more)", file=out)
-        outcome.report_path = finish_study(spec, storage, tracking_uri, None, trials, outcome, out)
+        outcome.report_path = finish_study(spec, storage, tracking_uri, trials, outcome, out)
         return outcome
     if options.address:
         check_ray_address(options.address)
@@ -311,37 +295,53 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
 
     from .search import search_setup
     from .trainable import StudyContext, run_trial
-    from .tracking_service import start_tracking_service
+    from .tracking_service import SetupWatch, start_tracking_service
 
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
-    # Started first: the service imports MLflow while this process creates the parent run.
-    tracking_service = start_tracking_service(tracking_uri)
 
-    try:
-        restore_path, experiment_id, parent_run_id, provenance = _open_invocation(
-            spec, options, storage, tracking_uri, trials, pending, out)
-    except BaseException:
-        ray.kill(tracking_service)
-        raise
-    outcome.parent_run_id = parent_run_id
-    tracking_service.open.remote(experiment_id, parent_run_id)
+    restore_path = _restore_path(spec, options, storage, out)
+    provenance = tracking.provenance_tags()
+    # The service creates the experiment and the parent run (or reopens it: --resume) while this
+    # process starts the trials; SetupWatch stops the study if that fails.
+    tracking_service, setup_ref = start_tracking_service(
+        tracking_uri, spec.name,
+        resume_parent_run_id=_read_invocation(restore_path).get("parent_run_id") if restore_path else None,
+        parent_params={"scale": spec.scale, "trials": len(trials), "to_run": len(pending),
+                       "factors": json.dumps(spec.factors), "seeds": json.dumps(spec.seeds),
+                       **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
+        parent_tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage},
+    )
 
     context = StudyContext(
-        study=spec.name, storage=storage, tracking_uri=tracking_uri, experiment_id=experiment_id,
-        parent_run_id=parent_run_id, fixed=dict(spec.fixed), cpus_per_trial=resources["cpu"],
+        study=spec.name, storage=storage, tracking_uri=tracking_uri, fixed=dict(spec.fixed), cpus_per_trial=resources["cpu"],
         data_dir=options.data_dir, git_sha=provenance.get("sslrobust.git_sha"), provenance=provenance,
-        tracking_service=tracking_service,
+        tracking_service=tracking_service, tracking_setup=setup_ref,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": resources["cpu"], "gpu": resources["gpu"]})
+    name = os.path.basename(restore_path) if restore_path else f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S-%f}"
+    invocation_dir = storage_mod.join(storage, "tune", name)
+    invocation = {"study": spec.name, "scale": spec.scale}
+
+    def setup_done(setup: dict) -> None:
+        if not restore_path:  # what --resume reads to reopen this invocation's parent run
+            _write_invocation(invocation_dir, {**invocation, "parent_run_id": setup["parent_run_id"]})
+        if setup["stale"]:
+            print(f"marked {setup['stale']} MLflow run(s) left RUNNING by an earlier, interrupted invocation "
+                  f"as KILLED", file=out)
+
+    watch = SetupWatch(setup_ref, setup_done)
+    use_tune_result_loggers()
     run_config = tune.RunConfig(
-        callbacks=tune_loggers(),
-        name=os.path.basename(restore_path) if restore_path
-        else f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S-%f}",
+        stop=watch,
+        name=name,
         storage_path=storage_mod.join(storage, "tune"),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # Two, not one: Tune writes its whole experiment state (every trial's) after each checkpoint of
+        # any trial when num_to_keep=1, so that the state never names a deleted checkpoint; with
+        # two it does so every other checkpoint of a trial. Its own warning advises the same.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=options.verbose,
     )
     status = "FINISHED"
@@ -381,9 +381,13 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
             tuner = None
         if tuner is not None:
             if not restore_path:
-                _write_invocation(storage_mod.join(storage, "tune", run_config.name),
-                                  {"parent_run_id": parent_run_id, "study": spec.name, "scale": spec.scale})
+                _write_invocation(invocation_dir, invocation)
             grid = tuner.fit()
+            if "error" in watch.wait():
+                if not restore_path:  # the study stopped before any trial wrote a result: leave nothing
+                    fs, path = storage_mod.filesystem_and_path(invocation_dir)
+                    fs.delete_dir(path)
+                raise tracking.TrackingError(watch.wait()["error"])
             done_before = {t.config_hash for t in trials} - {t.config_hash for t in pending}
             for result in grid:
                 if result.error is not None:
@@ -403,14 +407,28 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                     outcome.tracking_errors.append(f"{result.metrics.get('config_hash')}: {error}")
         if outcome.failed:
             status = "FAILED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        if not isinstance(exc, tracking.TrackingError):  # (the set-up's failure: no parent run to end)
+            try:
+                ray.get(tracking_service.end_parent.remote("KILLED" if isinstance(exc, KeyboardInterrupt)
+                                                           else "FAILED"), timeout=60)
+            except Exception:  # noqa: BLE001 - the next invocation marks a parent left RUNNING as KILLED
+                pass
+        ray.kill(tracking_service)
         raise
+    setup = watch.wait()
+    if "error" in setup:  # no trial ran (none was started, or all were reused results)
+        ray.kill(tracking_service)
+        raise tracking.TrackingError(setup["error"])
+    outcome.parent_run_id = setup["parent_run_id"]
+    outcome.tracking_errors.extend(ray.get(tracking_service.drain.remote()))
+    error = ray.get(tracking_service.end_parent.remote(status))
+    if error:  # e.g. the server went away: results are in Parquet
+        outcome.tracking_errors.append(f"parent run {outcome.parent_run_id}: {error}")
+    try:
+        outcome.report_path = finish_study(
+            spec, storage, tracking_uri, trials, outcome, out,
+            log_report=lambda paths, folder: ray.get(tracking_service.log_report.remote(paths, folder)))
     finally:
-        ray.kill(tracking_service)  # every trial's finish() has returned: nothing is left to write
-        try:
-            tracking.end_run(tracking_uri, parent_run_id, status)
-        except tracking.TrackingError as err:  # e.g. the server went away: results are in Parquet
-            outcome.tracking_errors.append(f"parent run {parent_run_id}: {err}")
-    outcome.report_path = finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, out)
+        ray.kill(tracking_service)
     return outcome

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from . import results, tracking
+from . import results
 from .errors import UserError
 
 
@@ -105,7 +105,9 @@ def ood_auroc_table(spec, table) -> str | None:
     return render_columns(lines)
 
 
-def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, out=sys.stdout) -> str | None:
+def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, log_report=None) -> str | None:
+    """Write the report, log it with ``log_report(paths, artifact_path)`` (returns an error line or
+    None; None: not logged), print the robustness tables and where everything is."""
     from .report import build_report
 
     table = results.load(spec.name, storage)
@@ -116,12 +118,10 @@ def finish_study(spec, storage, tracking_uri, parent_run_id, trials, outcome, ou
         report_path = str(files.html)
     except UserError as err:
         print(f"report not written: {err}", file=out)
-    if report_path and parent_run_id:
-        try:
-            tracking.log_artifacts(tracking_uri, parent_run_id, [files.html, *files.figures, *files.tables],
-                                   artifact_path="report")
-        except UserError as err:
-            print(f"the report is on disk but could not be logged to MLflow: {err}", file=out)
+    if report_path and log_report is not None:
+        error = log_report([str(p) for p in (files.html, *files.figures, *files.tables)], "report")
+        if error:
+            print(f"the report is on disk but could not be logged to MLflow: {error}", file=out)
     print("", file=out)
     print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
     print(robustness_table(spec, table), file=out)

@@ -1,73 +1,102 @@
-"""The study's one MLflow writer: a Ray actor on the driver's node that records every trial's child run.
+"""The study's one MLflow writer: a Ray actor on the driver's node that sets up the study's
+experiment and parent run and records every trial's child run.
 
-Trials do not talk to MLflow themselves. Importing MLflow and opening its store cost each worker
-~1.3 s before its first trial, several workers writing one sqlite file contend for its lock, and a
-sqlite file on the head node is out of reach of trials on other nodes. The trial holds a
-`RemoteTrialTracker`, which forwards its calls to the study's `TrackingService`; only starting the
-run and finishing it wait for an answer, so logging never holds up training. The service keeps
-`TrialTracker`'s failure model: a tracking failure is reported, never raised into the science.
+Neither the driver nor the trials import MLflow. Importing it and opening its store cost ~1.5 s in
+each process before its first trial, several processes writing one sqlite file contend for its
+lock, and a sqlite file on the head node is out of reach of trials on other nodes. The service sets
+the study up while the driver starts the trials (`SetupWatch` stops the study if that fails). A
+trial holds a `RemoteTrialTracker`, which forwards its calls; only starting the run and finishing
+it wait for an answer, so logging never holds up training. `TrialTracker`'s failure model holds: a
+tracking failure is reported, never raised into the science.
 """
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import ray
+from ray.tune import Stopper
 
-from .tracking import TrialTracker, child_run_hashes
+from . import tracking
+from .errors import UserError
+from .tracking import TrialTracker
 
 
 class TrackingService:
-    """One per study invocation (see `start_tracking_service`). Calls from one trial run in the
-    order the trial made them: Ray runs an actor's calls from one caller in submission order."""
+    """One per study invocation (see `start_tracking_service`).
 
-    def __init__(self, uri: str):
-        import mlflow  # noqa: F401 - the slow part: done while the driver creates the parent run
+    One writer thread makes every MLflow call, in the order the calls arrived; the actor's methods
+    only queue work and return, so a trial never waits for MLflow except for its run id, which it
+    needs for its Parquet rows (by then its run exists). The writer starts by setting up the
+    study's experiment and parent run, so the driver never imports MLflow and goes on starting
+    trials meanwhile. Ray runs the calls of one caller in the order it made them."""
 
+    def __init__(self, uri: str, study: str, resume_parent_run_id: str | None, parent_params: dict,
+                 parent_tags: dict):
         self.uri = uri
-        self._parent: tuple[str, str] | None = None  # (experiment id, parent run id)
+        self._setup: dict | None = None
         self._known_children: set[str] | None = None
-        self._trackers: dict[str, TrialTracker] = {}
+        self._trials: dict[str, _TrialRun] = {}  # by attempt
+        self._errors: list[str] = []  # "<config hash>: <error>" of trials whose tracking failed
+        self._work: queue.Queue = queue.Queue()
+        self._setup_done = threading.Event()
+        self._work.put(lambda: self._set_up(study, resume_parent_run_id, parent_params, parent_tags))
+        threading.Thread(target=self._write, name="mlflow-writer", daemon=True).start()
 
-    def open(self, experiment_id: str, parent_run_id: str) -> None:
-        """List the parent's existing child runs (a resumed invocation has some) once, so a new
-        trial's run is created without searching for it. Without that list (it failed) each trial
-        searches for its own run."""
-        if self._parent == (str(experiment_id), parent_run_id):
-            return
-        self._parent = (str(experiment_id), parent_run_id)
+    def _write(self) -> None:
+        while True:
+            job = self._work.get()
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 - TrialTracker never raises; this is a bug guard
+                self._errors.append(f"tracking service: {type(exc).__name__}: {exc}")
+            finally:
+                self._work.task_done()
+
+    # -- the writer's jobs -----------------------------------------------------------------
+    def _set_up(self, study, resume_parent, params, tags) -> None:
         try:
-            self._known_children = child_run_hashes(self.uri, *self._parent)
-        except Exception:  # noqa: BLE001 - a real problem shows again in the trial's own calls
-            self._known_children = None
+            experiment_id = tracking.study_experiment(self.uri, study)
+            if resume_parent:
+                tracking.reopen_run(self.uri, resume_parent)
+                parent_run_id = resume_parent
+            else:
+                parent_run_id = tracking.start_parent_run(self.uri, experiment_id, study, params, tags)
+            stale = tracking.close_stale_runs(self.uri, experiment_id, exclude={parent_run_id})
+            self._setup = {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "stale": len(stale)}
+            try:  # a resumed invocation's parent has children: list them once, not per trial
+                self._known_children = tracking.child_run_hashes(self.uri, experiment_id, parent_run_id)
+            except UserError:
+                self._known_children = None  # each trial then searches for its own run
+        except UserError as err:
+            self._setup = {"error": str(err)}
+        except Exception as err:  # noqa: BLE001 - one line for the driver, never a traceback
+            self._setup = {"error": f"MLflow tracking at {self.uri} failed to set up study '{study}' "
+                                    f"({tracking._reason(err)})"}
+        finally:
+            self._setup_done.set()
 
-    def start(self, attempt: str, experiment_id: str, parent_run_id: str, config_hash: str, run_name: str,
-              params: dict, tags: dict, existing_run_id: str | None) -> tuple[str | None, str | None]:
-        """Start (or reuse) the trial's child run: (run id, error)."""
-        self.open(experiment_id, parent_run_id)
-        tracker = TrialTracker(self.uri, experiment_id, parent_run_id, config_hash, run_name)
-        self._trackers[attempt] = tracker
-        known = self._known_children
-        tracker.start(params=params, tags=tags, existing_run_id=existing_run_id,
-                      search_existing=known is None or config_hash in known)
-        if tracker.run_id is None:
-            self._trackers.pop(attempt)
-        elif known is not None:
-            known.add(config_hash)
-        return tracker.run_id, tracker.error
+    def _start(self, trial: "_TrialRun", params, tags, existing_run_id) -> None:
+        setup = self._setup
+        try:
+            if "error" not in setup:
+                tracker = trial.tracker = TrialTracker(self.uri, setup["experiment_id"], setup["parent_run_id"],
+                                                       trial.config_hash, trial.run_name)
+                known = self._known_children
+                tracker.start(params=params, tags=tags, existing_run_id=existing_run_id,
+                              search_existing=known is None or trial.config_hash in known)
+                if tracker.run_id is not None and known is not None:
+                    known.add(trial.config_hash)
+        finally:
+            trial.started.set()  # run_id() waits for this
 
-    def log_metrics(self, attempt: str, metrics: dict[str, float], step: int) -> None:
-        if attempt in self._trackers:
-            self._trackers[attempt].log_metrics(metrics, step)
-
-    def finish(self, attempt: str, result_metrics: dict[str, float], artifacts: dict[str, bytes],
-               status: str) -> tuple[str | None, list[str]]:
-        """Log the final metrics and the artifacts (file name -> content), end the run with
-        ``status``: (error, warnings)."""
-        tracker = self._trackers.pop(attempt, None)
+    def _finish(self, trial: "_TrialRun", result_metrics, artifacts, status) -> None:
+        tracker = trial.tracker
         if tracker is None:
-            return "MLflow tracking: the trial's run was never started", []
+            return
         if result_metrics:
             tracker.log_result_metrics(result_metrics)
         with tempfile.TemporaryDirectory() as folder:
@@ -77,72 +106,153 @@ class TrackingService:
                     f.write(content)
                 tracker.log_artifact(path)
         tracker.finish(status)
-        return tracker.error, tracker.warnings
+        if tracker.error:
+            self._errors.append(f"{trial.config_hash}: {tracker.error}")
+
+    # -- calls ------------------------------------------------------------------------------
+    def setup(self) -> dict:
+        """{"experiment_id", "parent_run_id", "stale"} (runs of dead invocations marked KILLED),
+        or {"error": one line}. Waits for the set-up."""
+        self._setup_done.wait()
+        return self._setup
+
+    def start(self, attempt: str, config_hash: str, run_name: str, params: dict, tags: dict,
+              existing_run_id: str | None) -> None:
+        """Start (or reuse) the trial's child run."""
+        trial = self._trials[attempt] = _TrialRun(config_hash, run_name)
+        self._work.put(lambda: self._start(trial, params, tags, existing_run_id))
+
+    def run_id(self, attempt: str) -> tuple[str | None, str | None]:
+        """(the trial's run id, the error that stopped its tracking); waits for the run."""
+        trial = self._trials.get(attempt)
+        if trial is None:
+            return None, "MLflow tracking: the trial's run was never started"
+        trial.started.wait()
+        if trial.tracker is None:
+            return None, self._setup.get("error", "MLflow tracking: the trial's run could not be started")
+        return trial.tracker.run_id, trial.tracker.error
+
+    def log_metrics(self, attempt: str, metrics: dict[str, float], step: int) -> None:
+        trial = self._trials.get(attempt)
+        if trial is not None:
+            self._work.put(lambda: trial.tracker and trial.tracker.log_metrics(metrics, step))
+
+    def finish(self, attempt: str, result_metrics: dict[str, float], artifacts: dict[str, bytes],
+               status: str) -> None:
+        """Log the final metrics and the artifacts (file name -> content) and end the run with
+        ``status``; failures are reported by `drain`."""
+        trial = self._trials.pop(attempt, None)
+        if trial is not None:
+            self._work.put(lambda: self._finish(trial, result_metrics, artifacts, status))
+
+    def drain(self) -> list[str]:
+        """Wait until everything queued is written; the trials' tracking errors."""
+        self._work.join()
+        return list(self._errors)
+
+    def end_parent(self, status: str) -> str | None:
+        """After everything queued: end the parent run with ``status``; the error line, if any."""
+        self.drain()
+        if "error" in self._setup:
+            return None
+        try:
+            tracking.end_run(self.uri, self._setup["parent_run_id"], status)
+        except UserError as err:
+            return str(err)
+        return None
+
+    def log_report(self, paths: list[str], artifact_path: str) -> str | None:
+        """Log the study report's files (on this node: the driver's) to the parent run; the error
+        line, if any."""
+        self.drain()
+        if "error" in self._setup:
+            return self._setup["error"]
+        try:
+            tracking.log_artifacts(self.uri, self._setup["parent_run_id"], paths, artifact_path=artifact_path)
+        except UserError as err:
+            return str(err)
+        return None
 
 
-def start_tracking_service(uri: str):
+class _TrialRun:
+    """One trial attempt's run, as the writer thread fills it in."""
+
+    def __init__(self, config_hash: str, run_name: str):
+        self.config_hash, self.run_name = config_hash, run_name
+        self.tracker: TrialTracker | None = None
+        self.started = threading.Event()
+
+
+def start_tracking_service(uri: str, study: str, resume_parent_run_id: str | None, parent_params: dict,
+                           parent_tags: dict):
     """Start the study's TrackingService on this (the driver's) node, where a sqlite file or a
-    127.0.0.1 tracking URI means what it means here. It reserves no CPU: trials keep theirs."""
+    127.0.0.1 tracking URI means what it means here, and set it to work at once. It reserves no
+    CPU: trials keep theirs. Returns (the actor, the ObjectRef of its `setup()`)."""
     options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
     if not ray.util.client.ray.is_connected():  # under Ray Client the driver is not on a node
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
             node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(TrackingService).options(**options).remote(uri)
+    service = ray.remote(TrackingService).options(**options).remote(
+        uri, study, resume_parent_run_id, parent_params, parent_tags)
+    return service, service.setup.remote()
 
 
 class RemoteTrialTracker:
-    """The trial's side of the TrackingService, with `TrialTracker`'s interface: ``run_id``,
-    ``ok``, ``error``, ``warnings``. Never raises: a dead service turns tracking off for the trial."""
+    """The trial's side of the TrackingService: `TrialTracker`'s calls, queued in the service. Never
+    raises. Failures inside the service reach the driver (`TrackingService.drain`); ``error`` holds
+    those of reaching the service (its process died), after which the trial's calls are skipped."""
 
-    def __init__(self, service, experiment_id: str, parent_run_id: str, config_hash: str, run_name: str,
-                 attempt: str):
-        self._service, self._parent = service, (experiment_id, parent_run_id)
+    def __init__(self, service, setup_ref, config_hash: str, run_name: str, attempt: str):
+        self._service, self._setup_ref = service, setup_ref
         self.config_hash, self.run_name, self._attempt = config_hash, run_name, attempt
-        self._started = None  # ObjectRef of (run id, error): fetched when the run id is needed
-        self._run_id: str | None = None
+        self._run_id: tuple[str | None, str | None] | None = None  # (run id, error) once asked
+        self._setup_failed: bool | None = None
         self.error: str | None = None
-        self.warnings: list[str] = []
         self._result_metrics: dict[str, float] = {}
         self._artifacts: dict[str, bytes] = {}
+        self.warnings: list[str] = []
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def _fail(self, what: str, exc: BaseException) -> None:
-        if self.error is None:
+    def _call(self, what: str, method, *args, wait: bool = False):
+        if self.error is not None:
+            return None
+        try:
+            ref = method.remote(self._attempt, *args)
+            return ray.get(ref) if wait else None
+        except Exception as exc:  # noqa: BLE001 - e.g. the service's process died
             reason = " ".join(str(exc).split())[:300] or type(exc).__name__
             self.error = (f"MLflow tracking service failed to {what} for trial '{self.run_name}' "
                           f"({type(exc).__name__}: {reason}); tracking for this trial is off from here on")
+            return None
+
+    def setup_failed(self) -> bool:
+        """Whether the study's MLflow set-up failed (the driver is then stopping the study). Waits
+        for the set-up: ask before writing anything."""
+        if self._setup_failed is None:
+            try:
+                self._setup_failed = "error" in ray.get(self._setup_ref)
+            except Exception:  # noqa: BLE001 - a dead service is a tracking failure, not a set-up one
+                self._setup_failed = False
+        return self._setup_failed
 
     def start(self, params: dict, tags: dict, existing_run_id: str | None = None) -> None:
-        """Ask for the run; the answer is awaited only when ``run_id`` is first read."""
-        try:
-            self._started = self._service.start.remote(self._attempt, *self._parent, self.config_hash,
-                                                       self.run_name, params, tags, existing_run_id)
-        except Exception as exc:  # noqa: BLE001
-            self._fail("start the trial run", exc)
+        self._call("start the trial run", self._service.start, self.config_hash, self.run_name, params, tags,
+                   existing_run_id)
 
     @property
     def run_id(self) -> str | None:
-        if self._started is not None:
-            ref, self._started = self._started, None
-            try:
-                self._run_id, error = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - e.g. the service's process died
-                self._fail("start the trial run", exc)
-            else:
-                self.error = self.error or error
-        return self._run_id
+        """The trial's run id (waits for the service to have created the run); None if tracking failed."""
+        if self._run_id is None:
+            self._run_id = self._call("start the trial run", self._service.run_id, wait=True) or (None, None)
+        return self._run_id[0]
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.error is None:
-            try:
-                self._service.log_metrics.remote(self._attempt, metrics, step)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(f"log metrics at step {step}", exc)
+        self._call(f"log metrics at step {step}", self._service.log_metrics, metrics, step)
 
     def log_result_metrics(self, metrics: dict[str, float]) -> None:
         self._result_metrics.update(metrics)  # sent with finish(): one call for the trial's end
@@ -155,14 +265,41 @@ class RemoteTrialTracker:
             self.warnings.append(f"artifact {local_path} is unreadable ({exc}); not logged")
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id is None or self.error is not None:
-            return
-        try:
-            error, warnings = ray.get(self._service.finish.remote(
-                self._attempt, self._result_metrics, self._artifacts, status))
-        except Exception as exc:  # noqa: BLE001
-            self._fail(f"end the run as {status}", exc)
-        else:
-            self.error = error
-            self.warnings.extend(warnings)
-        self._artifacts.clear()
+        """Hand the run's end to the service; waits only until the service has it, so a trial
+        that ends (or a worker Tune stops) right after cannot lose it."""
+        self.run_id  # noqa: B018 - kept readable after the service has let go of the trial
+        self._call(f"end the run as {status}", self._service.finish, self._result_metrics, self._artifacts,
+                   status, wait=True)
+        self._artifacts = {}
+
+
+class SetupWatch(Stopper):
+    """The driver's side of the service's set-up, checked at every step of the Tune loop without
+    waiting. Once it is done, ``on_ready(setup)`` runs; if it failed, every trial is stopped (a
+    trial writes nothing before it knows its run) and the driver reports the one-line error.
+    A Stopper, not a Callback: Tune's usage statistics on RunConfig callbacks import every logging
+    integration Ray ships, MLflow's among them (0.9 s of the driver's CPU as the trials start)."""
+
+    def __init__(self, setup_ref, on_ready: Callable[[dict], None]):
+        self._ref, self._on_ready = setup_ref, on_ready
+        self._setup: dict | None = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        if self._setup is None and not ray.wait([self._ref], timeout=0)[0]:
+            return False
+        return "error" in self.wait()
+
+    def wait(self) -> dict:
+        """The set-up's result (waits for it)."""
+        if self._setup is None:
+            try:
+                self._setup = ray.get(self._ref)
+            except Exception as exc:  # noqa: BLE001 - e.g. the service's process died
+                self._setup = {"error": f"the MLflow tracking service failed before setting up the study "
+                                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
+            if "error" not in self._setup:
+                self._on_ready(self._setup)
+        return self._setup

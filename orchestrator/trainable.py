@@ -46,14 +46,13 @@ class StudyContext:
     study: str
     storage: str
     tracking_uri: str
-    experiment_id: str | None
-    parent_run_id: str | None
     fixed: dict
     cpus_per_trial: float
     data_dir: str | None = None
     git_sha: str | None = None
     provenance: dict | None = None
     tracking_service: Any = None  # the TrackingService actor handle; None: trials are not tracked
+    tracking_setup: Any = None  # the ObjectRef of the service's set-up result
 
 
 def trial_config(params: dict, context: StudyContext) -> dict:
@@ -195,7 +194,7 @@ def run_trial(params: dict, context: StudyContext) -> None:
 
     tracker = None
     if context.tracking_service is not None:
-        tracker = RemoteTrialTracker(context.tracking_service, context.experiment_id, context.parent_run_id, chash,
+        tracker = RemoteTrialTracker(context.tracking_service, context.tracking_setup, chash,
                                      run_name=f"{context.study}-{chash[:8]}", attempt=f"{trial_id}-{uuid.uuid4().hex}")
         tracker.start(
             params=config,
@@ -206,14 +205,18 @@ def run_trial(params: dict, context: StudyContext) -> None:
     for metrics in trainer.epochs():
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
-        run_id = tracker.run_id if tracker is not None else None  # the first epoch ran while it was created
+        if tracker is not None and tracker.setup_failed():
+            return  # the driver stops the study with the set-up's one-line error: write nothing
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id, "config_hash": chash},
+            # (no run id here: a retried trial's run is found by its config hash under the parent)
+            torch.save({"trainer": trainer.state_dict(), "config_hash": chash},
                        os.path.join(folder, CHECKPOINT_FILE))
             tune.report({**metrics, "config_hash": chash}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     records = trainer.evaluate()
-    run_id = tracker.run_id if tracker is not None else None
+    if tracker is not None and tracker.setup_failed():
+        return
+    run_id = tracker.run_id if tracker is not None else None  # created during training: no wait
     rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id)
     summary = summary_metrics(config, records)
     with tempfile.TemporaryDirectory() as folder:
