@@ -295,7 +295,8 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
 
     from .search import search_setup
     from .trainable import StudyContext, run_trial
-    from .tracking_service import SetupWatch, start_tracking_service
+    from .setup_watch import SetupWatch
+    from .tracking_service import start_tracking_service
 
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)

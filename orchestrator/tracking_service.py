@@ -4,7 +4,7 @@ experiment and parent run and records every trial's child run.
 Neither the driver nor the trials import MLflow. Importing it and opening its store cost ~1.5 s in
 each process before its first trial, several processes writing one sqlite file contend for its
 lock, and a sqlite file on the head node is out of reach of trials on other nodes. The service sets
-the study up while the driver starts the trials (`SetupWatch` stops the study if that fails). A
+the study up while the driver starts the trials (`setup_watch.SetupWatch` stops the study if that fails). A
 trial holds a `RemoteTrialTracker`, which forwards its calls; only starting the run and finishing
 it wait for an answer, so logging never holds up training. `TrialTracker`'s failure model holds: a
 tracking failure is reported, never raised into the science.
@@ -15,10 +15,9 @@ import os
 import queue
 import tempfile
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import ray
-from ray.tune import Stopper
 
 from . import tracking
 from .errors import UserError
@@ -271,35 +270,3 @@ class RemoteTrialTracker:
         self._call(f"end the run as {status}", self._service.finish, self._result_metrics, self._artifacts,
                    status, wait=True)
         self._artifacts = {}
-
-
-class SetupWatch(Stopper):
-    """The driver's side of the service's set-up, checked at every step of the Tune loop without
-    waiting. Once it is done, ``on_ready(setup)`` runs; if it failed, every trial is stopped (a
-    trial writes nothing before it knows its run) and the driver reports the one-line error.
-    A Stopper, not a Callback: Tune's usage statistics on RunConfig callbacks import every logging
-    integration Ray ships, MLflow's among them (0.9 s of the driver's CPU as the trials start)."""
-
-    def __init__(self, setup_ref, on_ready: Callable[[dict], None]):
-        self._ref, self._on_ready = setup_ref, on_ready
-        self._setup: dict | None = None
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
-
-    def stop_all(self) -> bool:
-        if self._setup is None and not ray.wait([self._ref], timeout=0)[0]:
-            return False
-        return "error" in self.wait()
-
-    def wait(self) -> dict:
-        """The set-up's result (waits for it)."""
-        if self._setup is None:
-            try:
-                self._setup = ray.get(self._ref)
-            except Exception as exc:  # noqa: BLE001 - e.g. the service's process died
-                self._setup = {"error": f"the MLflow tracking service failed before setting up the study "
-                                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
-            if "error" not in self._setup:
-                self._on_ready(self._setup)
-        return self._setup

@@ -7,6 +7,7 @@ tracking is reported by the driver at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -202,16 +203,17 @@ def run_trial(params: dict, context: StudyContext) -> None:
             existing_run_id=state.get("mlflow_run_id") if state else None,
         )
 
+    last_epoch: dict = {}
     for metrics in trainer.epochs():
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+        if trainer.done:  # the last epoch is reported, with its checkpoint, together with the results
+            last_epoch = metrics
+            break
         if tracker is not None and tracker.setup_failed():
             return  # the driver stops the study with the set-up's one-line error: write nothing
-        with tempfile.TemporaryDirectory() as folder:
-            # (no run id here: a retried trial's run is found by its config hash under the parent)
-            torch.save({"trainer": trainer.state_dict(), "config_hash": chash},
-                       os.path.join(folder, CHECKPOINT_FILE))
-            tune.report({**metrics, "config_hash": chash}, checkpoint=tune.Checkpoint.from_directory(folder))
+        with _checkpoint(trainer, chash) as checkpoint:
+            tune.report({**metrics, "config_hash": chash}, checkpoint=checkpoint)
 
     records = trainer.evaluate()
     if tracker is not None and tracker.setup_failed():
@@ -229,16 +231,28 @@ def run_trial(params: dict, context: StudyContext) -> None:
             tracker.log_artifact(local_copy)
             tracker.finish("FINISHED")
     tracking_error = tracker.error if tracker is not None and not tracker.ok else ""
-    tune.report({
-        **summary, "epoch": trainer.epoch, "config_hash": chash, "parquet": parquet_path,
-        "mlflow_run_id": run_id or "", "tracking_error": tracking_error or "",
-        "pretrained_here": int(pretrained_here),
-    })
+    with _checkpoint(trainer, chash) as checkpoint:
+        tune.report({
+            **last_epoch, **summary, "epoch": trainer.epoch, "config_hash": chash, "parquet": parquet_path,
+            "mlflow_run_id": run_id or "", "tracking_error": tracking_error or "",
+            "pretrained_here": int(pretrained_here),
+        }, checkpoint=checkpoint)
     # Reused actors run the next trial in this process: leave nothing of this one behind.
     del trainer, pretrained
     _collect_garbage()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _checkpoint(trainer, chash: str):
+    """The trainer's state as a Tune checkpoint (Tune copies it to the trial's storage in report).
+    No MLflow run id in it: a retried trial's run is found by its config hash under the parent."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({"trainer": trainer.state_dict(), "config_hash": chash}, os.path.join(folder, CHECKPOINT_FILE))
+        yield tune.Checkpoint.from_directory(folder)
 
 
 def _collect_garbage() -> None:
