@@ -57,12 +57,19 @@ def main() -> int:
     args = parser.parse_args()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    def fresh(measure) -> float:
+        # Each measurement gets a Ray of its own: a run that follows 64 per-trial worker processes
+        # in the same Ray would share the machine with their clean-up.
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            return measure()
+        finally:
+            ray.shutdown()
+
     with tempfile.TemporaryDirectory() as folder:
-        bare = bare_tune(args.trials, os.path.join(folder, "bare"))
-        reused = bare_tune(args.trials, os.path.join(folder, "bare-reused"), reuse_actors=True)
-        ours = orchestrated(args.trials, Path(folder))
-    ray.shutdown()
+        bare = fresh(lambda: bare_tune(args.trials, os.path.join(folder, "bare")))
+        reused = fresh(lambda: bare_tune(args.trials, os.path.join(folder, "bare-reused"), reuse_actors=True))
+        ours = fresh(lambda: orchestrated(args.trials, Path(folder)))
     print(f"bare Ray Tune defaults: {bare:.1f} s for {args.trials} trivial trials ({bare / args.trials:.2f} s/trial)")
     print(f"bare Ray Tune, reused actors (no work in the trial): {reused:.1f} s ({reused / args.trials:.2f} s/trial)")
     print(f"orchestrator.study:     {ours:.1f} s for {args.trials} trials ({ours / args.trials:.2f} s/trial)")

@@ -307,10 +307,13 @@ def write_trial(storage: str, study: str, config_hash: str, rows: list[dict], co
     fs, dir_path = _resolve(directory)
     final = f"{dir_path}/{config_hash}.parquet"
     tmp = f"{dir_path}/.{config_hash}.{uuid.uuid4().hex}.tmp"
+    sink = pa.BufferOutputStream()  # encoded once, for the results file and for the copy
+    pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
+    data = sink.getvalue()
     try:
         fs.create_dir(dir_path, recursive=True)
         with fs.open_output_stream(tmp) as out:
-            pq.write_table(table, out, compression=PARQUET_COMPRESSION)
+            out.write(data)
         fs.move(tmp, final)
     except Exception as exc:
         try:
@@ -319,7 +322,8 @@ def write_trial(storage: str, study: str, config_hash: str, rows: list[dict], co
             pass
         raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
     if copy_to is not None:
-        pq.write_table(table, copy_to, compression=PARQUET_COMPRESSION)
+        with open(copy_to, "wb") as f:
+            f.write(data)
     return final_uri
 
 

@@ -185,18 +185,28 @@ def check_datasets(pending: list[Trial], fixed: dict, data_dir: str | None) -> N
 # ----------------------------------------------------------------------------- tune
 
 
-def _trial_namer(spec: StudySpec):
-    varying = spec.varying()
+class _TrialNamer:
+    """Trial names from the factors that vary. A small picklable object rather than a closure: Tune
+    stores the namer in every trial's state, which it writes again after trial checkpoints."""
 
-    def name(trial) -> str:
+    def __init__(self, varying):
+        self.varying = tuple(varying)
+
+    def __call__(self, trial) -> str:
         cell = trial.config.get("cell")
         if cell is not None:
-            parts = [f"{k}={cell.get(k)}" for k in varying]
+            parts = [f"{k}={cell.get(k)}" for k in self.varying]
         else:
             parts = [f"{k}={trial.config[k]:.4g}" for k in sorted(trial.config) if k != "cell"]
         return f"{trial.trial_id}_" + ("_".join(parts) if parts else "cell")
 
-    return name
+
+def _trial_namer(spec: StudySpec) -> _TrialNamer:
+    return _TrialNamer(spec.varying())
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
 
 
 def _invocation_dirs(storage: str, study: str) -> list[str]:
@@ -363,7 +373,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                 tuner = tune.Tuner(
                     trainable, param_space=space, run_config=run_config,
                     tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining, reuse_actors=True,
-                                                trial_dirname_creator=lambda t: t.trial_id,
+                                                trial_dirname_creator=_trial_dirname,
                                                 trial_name_creator=_trial_namer(spec)),
                 )
         elif pending:
@@ -373,7 +383,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                 param_space={"cell": tune.grid_search([t.factors for t in pending])},
                 run_config=run_config,
                 tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=options.max_concurrent,
-                                            trial_dirname_creator=lambda t: t.trial_id,
+                                            trial_dirname_creator=_trial_dirname,
                                             trial_name_creator=_trial_namer(spec)),
             )
         else:

@@ -196,3 +196,21 @@ def test_reused_worker_leaks_no_state_between_trials(ray_cluster, workspace):
     after_other = after_other[after_other.seed == 1][columns].sort_values("eps_test").reset_index(drop=True)
     fresh = results.load("iso_alone", options.storage)[columns].sort_values("eps_test").reset_index(drop=True)
     assert after_other.equals(fresh)
+
+
+def test_a_study_whose_mlflow_setup_fails_stops_with_one_line_and_writes_nothing(ray_cluster, workspace):
+    # The tracking service sets the study up while the trials start; a deleted experiment fails it.
+    studies, options = workspace
+    write_study(studies, "nosetup", {"ssl_weight": [0.0, 0.5]}, epochs=1)
+    client = MlflowClient(options.tracking_uri)
+    client.delete_experiment(client.create_experiment("nosetup"))
+
+    from orchestrator.tracking import TrackingError
+
+    with pytest.raises(TrackingError) as failure:
+        run("nosetup", options)
+    message = str(failure.value)
+    assert "was deleted" in message and "mlflow experiments restore" in message and "\n" not in message
+    assert len(results.load("nosetup", options.storage)) == 0
+    tune_dir = Path(options.storage) / "tune"
+    assert not tune_dir.exists() or not any(p.name.startswith("nosetup") for p in tune_dir.iterdir())
