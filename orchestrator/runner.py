@@ -304,9 +304,9 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     from ray import tune  # imported after the checks above: a bad input fails in a second or two
 
     from .search import search_setup
-    from .trainable import StudyContext, run_trial
     from .setup_watch import SetupWatch
     from .tracking_service import start_tracking_service
+    from .trainable import StudyContext, run_trial
 
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
@@ -325,9 +325,9 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     )
 
     context = StudyContext(
-        study=spec.name, storage=storage, tracking_uri=tracking_uri, fixed=dict(spec.fixed), cpus_per_trial=resources["cpu"],
-        data_dir=options.data_dir, git_sha=provenance.get("sslrobust.git_sha"), provenance=provenance,
-        tracking_service=tracking_service, tracking_setup=setup_ref,
+        study=spec.name, storage=storage, tracking_uri=tracking_uri, fixed=dict(spec.fixed),
+        cpus_per_trial=resources["cpu"], data_dir=options.data_dir, git_sha=provenance.get("sslrobust.git_sha"),
+        provenance=provenance, tracking_service=tracking_service, tracking_setup=setup_ref,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": resources["cpu"], "gpu": resources["gpu"]})

@@ -18,10 +18,11 @@ Invariant: exactly one child run per (parent run, config hash); a retried trial 
 
 Failure model:
 
-* Driver-side functions (``study_experiment``, ``start_parent_run``, ``close_stale_runs``,
+* Study-level functions (``study_experiment``, ``start_parent_run``, ``close_stale_runs``,
   ``backfill_from_results``, ...) raise :class:`TrackingError`, a one-line :class:`UserError`.
-* :class:`TrialTracker` (inside Ray workers) never raises: the first failure is stored in
-  ``.error`` and every later call is skipped at once, so the trial's science always finishes.
+* :class:`TrialTracker` (one per running trial, inside the study's TrackingService actor) never
+  raises: the first failure is stored in ``.error`` and every later call is skipped at once, so
+  the trial's science always finishes.
 
 MLflow's HTTP client retries a failed request 7 times with exponential backoff (2 s factor, up to
 120 s per sleep) and a 120 s timeout: a dead server blocks a call for many minutes. All MLflow calls
@@ -632,7 +633,7 @@ def child_run_hashes(uri: str, experiment_id: str, parent_run_id: str) -> set[st
 
 
 # --------------------------------------------------------------------------------------------
-# one trial, inside a Ray worker: never raises
+# one trial, inside the study's TrackingService (orchestrator.tracking_service): never raises
 # --------------------------------------------------------------------------------------------
 
 def _metric_list(metrics: dict, step: int, warnings: list[str]):
@@ -655,9 +656,9 @@ def _metric_list(metrics: dict, step: int, warnings: list[str]):
 
 
 class TrialTracker:
-    """Tracking for one trial from inside a Ray worker. Never raises for tracking failures: the
-    trial's science must finish even if the MLflow server went away; failures are recorded in
-    .error and the caller reports them.
+    """Tracking for one trial (the TrackingService holds one per running trial). Never raises for
+    tracking failures: the trial's science must finish even if the MLflow server went away;
+    failures are recorded in .error and the caller reports them.
 
     After the first failure every later call returns at once (counted in ``skipped``). Problems
     that are not tracking failures (a missing artifact file, a non-numeric metric, a param whose

@@ -1,9 +1,10 @@
 """The Ray Tune function trainable: one trial = train one configuration, evaluate it, record it.
 
 It is a thin layer over `trainables`: it restores from `tune.get_checkpoint()`, reports every epoch
-with a checkpoint, writes the trial's Parquet file, and tracks the trial as an MLflow child run.
-Tracking failures never fail the science: the Parquet file is written regardless and the missing
-tracking is reported by the driver at the end.
+with a checkpoint (the last one together with the results), writes the trial's Parquet file, and
+has the study's tracking service record it as an MLflow child run. Tracking failures never fail
+the science: the Parquet file is written regardless and the missing tracking is reported by the
+driver at the end.
 """
 from __future__ import annotations
 
