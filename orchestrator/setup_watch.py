@@ -7,7 +7,6 @@ import ray
 from ray.tune import Stopper
 
 
-
 class SetupWatch(Stopper):
     """The driver's side of the service's set-up, checked at every step of the Tune loop without
     waiting. Once it is done, ``on_ready(setup)`` runs; if it failed, every trial is stopped (a

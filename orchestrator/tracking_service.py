@@ -4,10 +4,11 @@ experiment and parent run and records every trial's child run.
 Neither the driver nor the trials import MLflow. Importing it and opening its store cost ~1.5 s in
 each process before its first trial, several processes writing one sqlite file contend for its
 lock, and a sqlite file on the head node is out of reach of trials on other nodes. The service sets
-the study up while the driver starts the trials (`setup_watch.SetupWatch` stops the study if that fails). A
-trial holds a `RemoteTrialTracker`, which forwards its calls; only starting the run and finishing
-it wait for an answer, so logging never holds up training. `TrialTracker`'s failure model holds: a
-tracking failure is reported, never raised into the science.
+the study up while the driver starts the trials (`setup_watch.SetupWatch` stops the study if that
+fails). A trial holds a `RemoteTrialTracker`, which queues its calls in the service; it waits only
+for its run id (before writing its Parquet rows) and until the service holds its run's end, so
+logging never holds up training. `TrialTracker`'s failure model holds: a tracking failure is
+reported, never raised into the science.
 """
 from __future__ import annotations
 
