@@ -99,7 +99,7 @@ class TrackingService:
             return
         if result_metrics:
             tracker.log_result_metrics(result_metrics)
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder:  # MLflow logs artifacts from files
             for name, content in artifacts.items():
                 path = os.path.join(folder, os.path.basename(name))
                 with open(path, "wb") as f:
@@ -108,6 +108,8 @@ class TrackingService:
         tracker.finish(status)
         if tracker.error:
             self._errors.append(f"{trial.config_hash}: {tracker.error}")
+        for warning in tracker.warnings:  # not failures (e.g. a non-numeric metric): the trial's log
+            print(f"WARNING: MLflow run of trial '{trial.run_name}': {warning}", flush=True)
 
     # -- calls ------------------------------------------------------------------------------
     def setup(self) -> dict:
@@ -152,23 +154,23 @@ class TrackingService:
 
     def end_parent(self, status: str) -> str | None:
         """After everything queued: end the parent run with ``status``; the error line, if any."""
-        self.drain()
-        if "error" in self._setup:
-            return None
-        try:
-            tracking.end_run(self.uri, self._setup["parent_run_id"], status)
-        except UserError as err:
-            return str(err)
-        return None
+        return self._on_parent(lambda parent: tracking.end_run(self.uri, parent, status), without_parent_fails=False)
 
     def log_report(self, paths: list[str], artifact_path: str) -> str | None:
         """Log the study report's files (on this node: the driver's) to the parent run; the error
         line, if any."""
+        return self._on_parent(
+            lambda parent: tracking.log_artifacts(self.uri, parent, paths, artifact_path=artifact_path),
+            without_parent_fails=True)
+
+    def _on_parent(self, call, without_parent_fails: bool) -> str | None:
+        """``call(parent run id)`` once everything queued is written; its error line. If the set-up
+        failed there is no parent run: the set-up's error if ``without_parent_fails``, else None."""
         self.drain()
         if "error" in self._setup:
-            return self._setup["error"]
+            return self._setup["error"] if without_parent_fails else None
         try:
-            tracking.log_artifacts(self.uri, self._setup["parent_run_id"], paths, artifact_path=artifact_path)
+            call(self._setup["parent_run_id"])
         except UserError as err:
             return str(err)
         return None
@@ -212,7 +214,6 @@ class RemoteTrialTracker:
         self.error: str | None = None
         self._result_metrics: dict[str, float] = {}
         self._artifacts: dict[str, bytes] = {}
-        self.warnings: list[str] = []
 
     @property
     def ok(self) -> bool:
@@ -257,12 +258,9 @@ class RemoteTrialTracker:
     def log_result_metrics(self, metrics: dict[str, float]) -> None:
         self._result_metrics.update(metrics)  # sent with finish(): one call for the trial's end
 
-    def log_artifact(self, local_path: str) -> None:
-        try:
-            with open(local_path, "rb") as f:
-                self._artifacts[os.path.basename(local_path)] = f.read()
-        except OSError as exc:
-            self.warnings.append(f"artifact {local_path} is unreadable ({exc}); not logged")
+    def log_artifact_content(self, name: str, content: bytes) -> None:
+        """An artifact file `name` with `content`, logged with the run's end (`finish`)."""
+        self._artifacts[name] = content
 
     def finish(self, status: str = "FINISHED") -> None:
         """Hand the run's end to the service; waits only until the service has it, so a trial

@@ -166,7 +166,7 @@ def run_trial(params: dict, context: StudyContext) -> None:
     from trainables.train import Trainer
 
     from .pretrain import ensure_pretrained
-    from .trial_plot import plot_trial_curve
+    from .trial_plot import trial_curve_svg
 
     _collect_garbage()  # what is alive now (modules, caches) lives on: keep the collector off it
     log = lambda message: print(f"[{context.study}] {message}", flush=True)  # noqa: E731
@@ -222,15 +222,13 @@ def run_trial(params: dict, context: StudyContext) -> None:
     run_id = tracker.run_id if tracker is not None else None  # created during training: no wait
     rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id)
     summary = summary_metrics(config, records)
-    with tempfile.TemporaryDirectory() as folder:
-        local_copy = os.path.join(folder, f"{chash}.parquet")
-        parquet_path = results.write_trial(context.storage, context.study, chash, rows,
-                                           copy_to=local_copy if tracker is not None else None)
-        if tracker is not None:
-            tracker.log_result_metrics({**result_metrics(records), **summary})
-            tracker.log_artifact(plot_trial_curve(records, config, os.path.join(folder, "robust_accuracy_curve.svg")))
-            tracker.log_artifact(local_copy)
-            tracker.finish("FINISHED")
+    encoded = results.encode_trial(context.study, chash, rows)
+    parquet_path = results.write_encoded(context.storage, context.study, chash, encoded)
+    if tracker is not None:
+        tracker.log_result_metrics({**result_metrics(records), **summary})
+        tracker.log_artifact_content("robust_accuracy_curve.svg", trial_curve_svg(records, config).encode())
+        tracker.log_artifact_content(f"{chash}.parquet", encoded)
+        tracker.finish("FINISHED")
     tracking_error = tracker.error if tracker is not None and not tracker.ok else ""
     with _checkpoint(trainer, chash) as checkpoint:
         tune.report({

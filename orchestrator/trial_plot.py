@@ -22,7 +22,8 @@ FONT = "DejaVu Sans, Arial, Helvetica, sans-serif"
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")  # not allowed in XML 1.0 even when escaped
 
 
-def plot_trial_curve(records: list[dict], config: dict, path: str) -> str:
+def trial_curve_svg(records: list[dict], config: dict) -> str:
+    """The figure as SVG text: a line per norm (and per defence and attack), ε_train dashed."""
     series = _series(records, config)
     eps_train = _number(config.get("eps_train"))
     xs = [x for _, points, *_ in series for x, _ in points] + ([eps_train] if eps_train is not None else [])
@@ -91,9 +92,7 @@ def plot_trial_curve(records: list[dict], config: dict, path: str) -> str:
     if legend:
         out.append(_legend(legend))
     out.append('</svg>\n')
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(out))
-    return path
+    return "\n".join(out)
 
 
 def _series(records, config):
