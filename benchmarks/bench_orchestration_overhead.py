@@ -63,6 +63,7 @@ def orchestrated(trials: int, workdir: Path) -> float:
 def measure_in_this_process(which: str, trials: int, workdir: Path) -> float:
     import ray
 
+    workdir.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         if which == "ours":
@@ -74,7 +75,6 @@ def measure_in_this_process(which: str, trials: int, workdir: Path) -> float:
 
 def measure(which: str, trials: int, workdir: Path) -> float:
     """`which` ("bare", "reused" or "ours") in a fresh Python process; its seconds."""
-    workdir.mkdir(parents=True)
     done = subprocess.run([sys.executable, __file__, "--measure", which, "--trials", str(trials),
                            "--workdir", str(workdir)], capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("SECONDS ")]

@@ -301,20 +301,17 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
             check_local_gpus(resources)
         check_datasets(pending, spec.fixed, options.data_dir)
     import ray
-    from ray import tune  # imported after the checks above: a bad input fails in a second or two
 
-    from .search import search_setup
-    from .setup_watch import SetupWatch
     from .tracking_service import start_tracking_service
-    from .trainable import StudyContext, run_trial
 
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
 
     restore_path = _restore_path(spec, options, storage, out)
     provenance = tracking.provenance_tags()
-    # The service creates the experiment and the parent run (or reopens it: --resume) while this
-    # process starts the trials; SetupWatch stops the study if that fails.
+    # The service imports MLflow and creates the experiment and the parent run (or reopens it:
+    # --resume) while this process imports Ray Tune and starts the trials, so it starts first;
+    # SetupWatch stops the study if its set-up fails.
     tracking_service, setup_ref = start_tracking_service(
         tracking_uri, spec.name,
         resume_parent_run_id=_read_invocation(restore_path).get("parent_run_id") if restore_path else None,
@@ -323,6 +320,11 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                        **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
         parent_tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage},
     )
+    from ray import tune  # imported after the checks above: a bad input fails in a second or two
+
+    from .search import search_setup
+    from .setup_watch import SetupWatch
+    from .trainable import StudyContext, run_trial
 
     context = StudyContext(
         study=spec.name, storage=storage, tracking_uri=tracking_uri, fixed=dict(spec.fixed),
