@@ -202,9 +202,10 @@ def start_tracking_service(uri: str, study: str, resume_parent_run_id: str | Non
 
 
 class RemoteTrialTracker:
-    """The trial's side of the TrackingService: `TrialTracker`'s calls, queued in the service. Never
-    raises. Failures inside the service reach the driver (`TrackingService.drain`); ``error`` holds
-    those of reaching the service (its process died), after which the trial's calls are skipped."""
+    """The trial's side of the TrackingService: `TrialTracker`'s calls (artifacts as bytes), queued
+    in the service. Never raises. Failures inside the service reach the driver
+    (`TrackingService.drain`); ``error`` holds those of reaching the service (its process died),
+    after which the trial's calls are skipped."""
 
     def __init__(self, service, setup_ref, config_hash: str, run_name: str, attempt: str):
         self._service, self._setup_ref = service, setup_ref
