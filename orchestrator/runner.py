@@ -358,6 +358,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         verbose=options.verbose,
     )
     status = "FINISHED"
+    wrote_invocation = False
     try:
         if restore_path:
             tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
@@ -395,12 +396,8 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         if tuner is not None:
             if not restore_path:
                 _write_invocation(invocation_dir, invocation)
+                wrote_invocation = True
             grid = tuner.fit()
-            if "error" in watch.wait():
-                if not restore_path:  # the study stopped before any trial wrote a result: leave nothing
-                    fs, path = storage_mod.filesystem_and_path(invocation_dir)
-                    fs.delete_dir(path)
-                raise tracking.TrackingError(watch.wait()["error"])
             done_before = {t.config_hash for t in trials} - {t.config_hash for t in pending}
             for result in grid:
                 if result.error is not None:
@@ -421,16 +418,18 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         if outcome.failed:
             status = "FAILED"
     except BaseException as exc:
-        if not isinstance(exc, tracking.TrackingError):  # (the set-up's failure: no parent run to end)
-            try:
-                ray.get(tracking_service.end_parent.remote("KILLED" if isinstance(exc, KeyboardInterrupt)
-                                                           else "FAILED"), timeout=60)
-            except Exception:  # noqa: BLE001 - the next invocation marks a parent left RUNNING as KILLED
-                pass
+        try:  # (a no-op if the set-up failed: there is no parent run)
+            ray.get(tracking_service.end_parent.remote("KILLED" if isinstance(exc, KeyboardInterrupt)
+                                                       else "FAILED"), timeout=60)
+        except Exception:  # noqa: BLE001 - the next invocation marks a parent left RUNNING as KILLED
+            pass
         ray.kill(tracking_service)
         raise
     setup = watch.wait()
-    if "error" in setup:  # no trial ran (none was started, or all were reused results)
+    if "error" in setup:  # SetupWatch stopped every trial before it wrote anything (or none ran)
+        if wrote_invocation:  # leave nothing behind
+            fs, path = storage_mod.filesystem_and_path(invocation_dir)
+            fs.delete_dir(path)
         ray.kill(tracking_service)
         raise tracking.TrackingError(setup["error"])
     outcome.parent_run_id = setup["parent_run_id"]

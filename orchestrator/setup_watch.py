@@ -6,6 +6,8 @@ from typing import Callable
 import ray
 from ray.tune import Stopper
 
+from .tracking import _one_line
+
 
 class SetupWatch(Stopper):
     """The driver's side of the service's set-up, checked at every step of the Tune loop without
@@ -33,7 +35,7 @@ class SetupWatch(Stopper):
                 self._setup = ray.get(self._ref)
             except Exception as exc:  # noqa: BLE001 - e.g. the service's process died
                 self._setup = {"error": f"the MLflow tracking service failed before setting up the study "
-                                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
+                                        f"({type(exc).__name__}: {_one_line(str(exc), 200)})"}
             if "error" not in self._setup:
                 self._on_ready(self._setup)
         return self._setup

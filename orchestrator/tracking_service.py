@@ -79,15 +79,14 @@ class TrackingService:
         finally:
             self._setup_done.set()
 
-    def _start(self, trial: "_TrialRun", params, tags, existing_run_id) -> None:
+    def _start(self, trial: "_TrialRun", params, tags) -> None:
         setup = self._setup
         try:
             if "error" not in setup:
                 tracker = trial.tracker = TrialTracker(self.uri, setup["experiment_id"], setup["parent_run_id"],
                                                        trial.config_hash, trial.run_name)
                 known = self._known_children
-                tracker.start(params=params, tags=tags, existing_run_id=existing_run_id,
-                              search_existing=known is None or trial.config_hash in known)
+                tracker.start(params=params, tags=tags, search_existing=known is None or trial.config_hash in known)
                 if tracker.run_id is not None and known is not None:
                     known.add(trial.config_hash)
         finally:
@@ -118,11 +117,10 @@ class TrackingService:
         self._setup_done.wait()
         return self._setup
 
-    def start(self, attempt: str, config_hash: str, run_name: str, params: dict, tags: dict,
-              existing_run_id: str | None) -> None:
-        """Start (or reuse) the trial's child run."""
+    def start(self, attempt: str, config_hash: str, run_name: str, params: dict, tags: dict) -> None:
+        """Start the trial's child run, or reuse the one a failed attempt of it left under the parent."""
         trial = self._trials[attempt] = _TrialRun(config_hash, run_name)
-        self._work.put(lambda: self._start(trial, params, tags, existing_run_id))
+        self._work.put(lambda: self._start(trial, params, tags))
 
     def run_id(self, attempt: str) -> tuple[str | None, str | None]:
         """(the trial's run id, the error that stopped its tracking); waits for the run."""
@@ -227,7 +225,7 @@ class RemoteTrialTracker:
             ref = method.remote(self._attempt, *args)
             return ray.get(ref) if wait else None
         except Exception as exc:  # noqa: BLE001 - e.g. the service's process died
-            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            reason = tracking._one_line(str(exc)) or type(exc).__name__
             self.error = (f"MLflow tracking service failed to {what} for trial '{self.run_name}' "
                           f"({type(exc).__name__}: {reason}); tracking for this trial is off from here on")
             return None
@@ -242,9 +240,8 @@ class RemoteTrialTracker:
                 self._setup_failed = False
         return self._setup_failed
 
-    def start(self, params: dict, tags: dict, existing_run_id: str | None = None) -> None:
-        self._call("start the trial run", self._service.start, self.config_hash, self.run_name, params, tags,
-                   existing_run_id)
+    def start(self, params: dict, tags: dict) -> None:
+        self._call("start the trial run", self._service.start, self.config_hash, self.run_name, params, tags)
 
     @property
     def run_id(self) -> str | None:

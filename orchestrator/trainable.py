@@ -201,7 +201,6 @@ def run_trial(params: dict, context: StudyContext) -> None:
         tracker.start(
             params=config,
             tags={**(context.provenance or {}), "sslrobust.study": context.study, "sslrobust.node_id": node_id},
-            existing_run_id=state.get("mlflow_run_id") if state else None,
         )
 
     last_epoch: dict = {}
