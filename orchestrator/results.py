@@ -62,6 +62,9 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("train_attack_steps", pa.int64(), False),
     ("rotations", pa.string(), False),
     ("label_noise", pa.float64(), True),  # fraction of training labels corrupted (null: older files)
+    # the training epoch whose weights were evaluated (checkpoint_selection: the last epoch, or the
+    # best on robust validation accuracy); null in files written before it was recorded
+    ("selected_epoch", pa.int64(), True),
     ("norm", pa.string(), True),  # null on corruption rows
     ("eps_test", pa.float64(), True),  # null on corruption rows
     ("attack", pa.string(), False),  # "pgd_any_iterate" or "pgd" (eval_stop_on_success), "none" at ε 0 and on corruption rows

@@ -120,7 +120,7 @@ def result_metrics(records: list[dict]) -> dict[str, float]:
 
 
 def trial_rows(context: StudyContext, config: dict, chash: str, trial_id: str, records: list[dict],
-               node_id: str, mlflow_run_id: str | None) -> list[dict]:
+               node_id: str, mlflow_run_id: str | None, selected_epoch: int | None = None) -> list[dict]:
     finished_at = dt.datetime.now(dt.timezone.utc)
     config_json = json.dumps(config, sort_keys=True)
     shared = {c: config[c] for c in CONFIG_COLUMNS}
@@ -128,7 +128,7 @@ def trial_rows(context: StudyContext, config: dict, chash: str, trial_id: str, r
         {
             **shared, **record, "study": context.study, "trial_id": trial_id, "config_hash": chash,
             "node_id": node_id, "mlflow_run_id": mlflow_run_id, "git_sha": context.git_sha,
-            "finished_at": finished_at, "config_json": config_json,
+            "finished_at": finished_at, "config_json": config_json, "selected_epoch": selected_epoch,
         }
         for record in records
     ]
@@ -219,12 +219,12 @@ def run_trial(params: dict, context: StudyContext) -> None:
     if tracker is not None and tracker.setup_failed():
         return
     run_id = tracker.run_id if tracker is not None else None  # created during training: no wait
-    rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id)
+    rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id, trainer.selected_epoch)
     summary = summary_metrics(config, records)
     encoded = results.encode_trial(context.study, chash, rows)
     parquet_path = results.write_encoded(context.storage, context.study, chash, encoded)
     if tracker is not None:
-        tracker.log_result_metrics({**result_metrics(records), **summary})
+        tracker.log_result_metrics({**result_metrics(records), **summary, "selected_epoch": trainer.selected_epoch})
         tracker.log_artifact_content("robust_accuracy_curve.svg", trial_curve_svg(records, config).encode())
         tracker.log_artifact_content(f"{chash}.parquet", encoded)
         tracker.finish("FINISHED")
@@ -233,7 +233,7 @@ def run_trial(params: dict, context: StudyContext) -> None:
         tune.report({
             **last_epoch, **summary, "epoch": trainer.epoch, "config_hash": chash, "parquet": parquet_path,
             "mlflow_run_id": run_id or "", "tracking_error": tracking_error or "",
-            "pretrained_here": int(pretrained_here),
+            "pretrained_here": int(pretrained_here), "selected_epoch": trainer.selected_epoch,
         }, checkpoint=checkpoint)
     # Reused actors run the next trial in this process: leave nothing of this one behind.
     del trainer, pretrained

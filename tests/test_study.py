@@ -214,3 +214,24 @@ def test_a_study_whose_mlflow_setup_fails_stops_with_one_line_and_writes_nothing
     assert len(results.load("nosetup", options.storage)) == 0
     tune_dir = Path(options.storage) / "tune"
     assert not tune_dir.exists() or not any(p.name.startswith("nosetup") for p in tune_dir.iterdir())
+
+
+def test_checkpoint_selection_evaluates_the_best_robust_validation_epoch(ray_cluster, workspace):
+    """Robust overfitting made quick: 80% of 256 training labels are noise, so robust validation
+    accuracy peaks at epoch 4 of 5 (this setting on this data and seed; one thread per trial) and
+    the trial is evaluated with epoch 4's weights."""
+    studies, options = workspace
+    write_study(studies, "selection", {}, seeds=[0], train_subset=256, batch_size=32, epochs=5,
+                schedule="constant", lr=0.05, weight_decay=0.0, label_noise=0.8, val_subset=200,
+                ssl_task="none", attack_variant="ce", checkpoint_selection="best_robust_val",
+                test_subset=100)
+    spec, outcome, _ = run("selection", options)
+    assert outcome.ran == 1 and not outcome.failed
+    table = results.load("selection", options.storage)
+    client, _, children = child_runs(options.tracking_uri, "selection")
+    history = client.get_metric_history(children[0].info.run_id, "val_robust_acc")
+    by_epoch = {m.step: m.value for m in history}
+    assert sorted(by_epoch) == [1, 2, 3, 4, 5]
+    best = max(by_epoch, key=lambda e: (by_epoch[e], e))
+    assert set(table["selected_epoch"]) == {best}
+    assert best != 5  # the selected epoch is not the last, and the results say so

@@ -234,3 +234,63 @@ def test_shared_mode_attacks_the_image_with_the_joint_objective():
                  step_size=2.5 * 0.1, steps=1, random_start=True, bn_mode="train",
                  generator=shared2.generator)
     assert torch.equal(direct, x_adv)
+
+
+# --- validation split and checkpoint selection (robust overfitting, Rice et al. 2020) ------------
+
+VAL_TINY = dict(dataset="fashion_mnist", arch="small_cnn", train_subset=128, test_subset=50, batch_size=64,
+                epochs=2, ssl_task="none", attack_variant="ce", eps_train=0.1, train_attack_steps=1,
+                val_subset=100, val_attack_steps=2, eval_attack_steps=2, eval_eps_linf=[0.0, 0.1], seed=0)
+
+
+def test_validation_split_is_held_out_and_leaves_plain_training_data_unchanged():
+    from trainables.data import load_split, load_train_val
+
+    full = load_split("fashion_mnist", True, download=False)
+    train, val = load_train_val("fashion_mnist", 1000, 1, subset=5000, seed=0, download=False)
+    _, val_again = load_train_val("fashion_mnist", 1000, 1, subset=500, seed=3, download=False)
+    assert len(train) == 5000 and len(val) == 1000 and len(full) == 60000
+    assert torch.equal(val.images, val_again.images)  # drawn by its own seed, whatever training takes
+    as_rows = lambda t: {bytes(row) for row in t.images.flatten(1).numpy()}  # noqa: E731
+    assert not as_rows(train) & as_rows(val)  # never trained on
+    # no val_subset: the training subset is the one load_split always drew
+    plain = Trainer({k: v for k, v in VAL_TINY.items() if k != "val_subset"}, device="cpu")
+    assert plain.val_data is None
+    assert torch.equal(plain.train_data.images, load_split("fashion_mnist", True, subset=128, seed=0).images)
+    with pytest.raises(ValueError, match="val_subset must be between 1 and 59999"):
+        load_train_val("fashion_mnist", 60000, 1, download=False)
+
+
+def test_best_robust_val_selects_the_best_epoch_and_keeps_it_across_a_checkpoint():
+    trainer = _run({**VAL_TINY, "checkpoint_selection": "best_robust_val"})
+    history = [m["val_robust_acc"] for m in trainer.history]
+    assert len(history) == 2 and all(0 <= v <= 1 for v in history)
+    assert all(0 <= m["val_clean_acc"] <= 1 and m["val_robust_acc"] <= m["val_clean_acc"] for m in trainer.history)
+    best_epoch = max(range(len(history)), key=lambda i: (history[i], i)) + 1  # ties: the later epoch
+    model, epoch = trainer.selected_model()
+    assert epoch == best_epoch == trainer.best["epoch"]
+    # pretend the first epoch was the best: the copy has its weights, the trainer keeps the last
+    trainer.best = {"epoch": 1, "val_robust_acc": 2.0,
+                    "model": {k: torch.zeros_like(v) for k, v in trainer.model.state_dict().items()}}
+    model, epoch = trainer.selected_model()
+    assert epoch == 1 and model is not trainer.model
+    assert all(not v.any() for v in model.state_dict().values() if v.is_floating_point())
+    assert _differs(model, trainer.model)
+    records = trainer.evaluate()
+    assert trainer.selected_epoch == 1 and records[0]["clean_acc"] < 0.3  # the zeroed model's guess
+    buffer = io.BytesIO()
+    torch.save(trainer.state_dict(), buffer)
+    buffer.seek(0)
+    restored = Trainer({**VAL_TINY, "checkpoint_selection": "best_robust_val"}, device="cpu")
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.best["epoch"] == 1 and restored.selected_model()[1] == 1
+    last = Trainer(VAL_TINY, device="cpu")  # checkpoint_selection last: evaluated as trained
+    last.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert last.selected_model() == (last.model, 2)
+
+
+def test_best_robust_val_needs_a_validation_split():
+    from trainables.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="needs a validation split; set val_subset"):
+        resolve({"checkpoint_selection": "best_robust_val"})

@@ -27,6 +27,10 @@ ROTATIONS = ("all", "one")
 SSL_PERTURBATIONS = ("shared", "independent")
 BN_MODES = ("train", "eval")
 DEVICES = ("auto", "cpu", "cuda")
+# Which weights a trial is evaluated with: the last epoch's, or the epoch with the best robust
+# accuracy on the held-out validation split (early stopping against robust overfitting, Rice,
+# Wong and Kolter, ICML 2020).
+CHECKPOINT_SELECTIONS = ("last", "best_robust_val")
 CORRUPTIONS = (
     "gaussian_noise",
     "shot_noise",
@@ -78,6 +82,12 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "weight_decay": (5e-4, "float", "nonneg"),
     "schedule": ("cosine", "str", SCHEDULES),
     "augment": (True, "bool", None),
+    # robust-overfitting control: val_subset training images held out (drawn by a seed of their
+    # own, never trained on), robust accuracy on them each epoch (PGD at ε_train in norm_train,
+    # val_attack_steps steps), and which epoch's weights the trial is evaluated with
+    "val_subset": (None, "int?", "pos"),
+    "val_attack_steps": (5, "int", "pos"),
+    "checkpoint_selection": ("last", "str", CHECKPOINT_SELECTIONS),
     # self-supervision
     "ssl_task": ("rotation", "str", SSL_TASKS),
     "ssl_weight": (0.5, "float", "nonneg"),
@@ -161,6 +171,8 @@ HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
     "label_free_eval", "label_free_eps", "label_free_steps", "label_free_examples", "smoothing_sigma",
     "smoothing_n0", "smoothing_n", "smoothing_alpha", "smoothing_radii",
 })
+# Validation split and checkpoint selection, added later again: hashed only when changed.
+HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({"val_subset", "val_attack_steps", "checkpoint_selection"})
 
 
 class ConfigError(ValueError):
@@ -282,6 +294,10 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
                 f"{where}: defence task '{missing[0]}' is not one the model trains with "
                 f"({', '.join(trained) or 'none'}); add it to ssl_tasks or drop it from defence_tasks"
             )
+    if full["checkpoint_selection"] == "best_robust_val" and full["val_subset"] is None:
+        raise ConfigError(
+            f"{where}: checkpoint_selection 'best_robust_val' needs a validation split; set val_subset, e.g. 1000"
+        )
     if not 0 < full["smoothing_alpha"] < 0.5:
         raise ConfigError(f"{where}: 'smoothing_alpha' must be in (0, 0.5), got {full['smoothing_alpha']!r}")
     if full["smoothing_radii"] != SCHEMA["smoothing_radii"][0]:  # one record per radius: no repeats

@@ -65,6 +65,13 @@ def _load_cached(name: str, train: bool, root: Path, download: bool) -> tuple[to
         return _CACHE[key]
 
 
+def _random_subset(n: int, size: int, seed: int) -> torch.Tensor:
+    """`size` of the indices 0..n-1 drawn at random (seeded), sorted so a subset keeps the
+    split's order."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:size].sort().values
+
+
 def load_split(
     name: str,
     train: bool,
@@ -82,11 +89,39 @@ def load_split(
         if subset < 1:
             raise ValueError(f"subset must be a positive number of examples, got {subset}")
         if subset < len(labels):
-            generator = torch.Generator().manual_seed(seed)
-            # Sorted so a subset keeps the split's order (deterministic regardless of seed).
-            index = torch.randperm(len(labels), generator=generator)[:subset].sort().values
+            index = _random_subset(len(labels), subset, seed)
             images, labels = images[index], labels[index]
     return ImageTensors(images, labels, info).to(device)
+
+
+def load_train_val(
+    name: str,
+    val_size: int,
+    val_seed: int,
+    data_dir: str | os.PathLike | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+) -> tuple[ImageTensors, ImageTensors]:
+    """The training split cut into a held-out validation set and what training may use.
+
+    The `val_size` validation examples are drawn first, by `val_seed` alone, so they are the same
+    whatever `subset` and `seed` select for training; training's `subset` is then drawn from the
+    rest (as `load_split` draws it), so no validation example is ever trained on.
+    Raises ValueError if `val_size` leaves no training example."""
+    info = dataset_info(name)
+    images, labels = _load_cached(name, True, data_root(data_dir), download)
+    n = len(labels)
+    if not 1 <= val_size < n:
+        raise ValueError(f"val_subset must be between 1 and {n - 1} for {name} ({n} training images), got {val_size}")
+    held_out = torch.zeros(n, dtype=torch.bool)
+    held_out[_random_subset(n, val_size, val_seed)] = True
+    rest = (~held_out).nonzero().flatten()
+    if subset is not None and subset < len(rest):
+        rest = rest[_random_subset(len(rest), subset, seed)]
+    val = ImageTensors(images[held_out], labels[held_out], info).to(device)
+    return ImageTensors(images[rest], labels[rest], info).to(device), val
 
 
 # ---------------------------------------------------------------------------------------------

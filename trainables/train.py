@@ -9,6 +9,7 @@ whose state is part of the checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Iterator
@@ -17,9 +18,9 @@ import torch
 
 from .attacks import fgsm, pgd
 from .config import resolve
-from .data import ImageTensors, iterate_batches, load_split
+from .data import ImageTensors, iterate_batches, load_split, load_train_val
 from .device import autocast, prepare_input, prepare_model, select_device
-from .evaluate import evaluate_model, predictions
+from .evaluate import evaluate_model, predictions, robust_accuracy_curve
 from .label_noise import corrupt_labels, label_noise_generator
 from .models import backbone_state, build_model, load_backbone
 from .objectives import SSLBatch, attack_objective, stack_inputs, update_loss
@@ -34,11 +35,18 @@ PRETRAIN_KEYS = (
 # Training examples are the same for every trial (a fixed selection seed), so cells differ only by
 # their factors and training seed; the test subset is fixed the same way.
 DATA_SELECTION_SEED = 0
+# The validation examples (val_subset) are drawn by a seed of their own, so they are the same for
+# every trial and every training subset; their PGD starts are fixed too, so epochs compare fairly.
+VAL_SELECTION_SEED = 1
+VAL_ATTACK_SEED = 0
 
 
 def pretrain_settings(config: dict) -> dict:
     full = resolve(config)
-    return {key: full[key] for key in PRETRAIN_KEYS}
+    settings = {key: full[key] for key in PRETRAIN_KEYS}
+    if full["val_subset"] is not None:  # pre-training must not see the held-out images either
+        settings["val_subset"] = full["val_subset"]
+    return settings
 
 
 def _optimizer(params, cfg: dict, lr: float) -> SGD | Adam:
@@ -74,9 +82,16 @@ class Trainer:
         self.config = cfg = resolve(config)
         self.device = select_device(device)
         self.data_dir = data_dir
-        self.train_data = load_split(
-            cfg["dataset"], True, data_dir, cfg["train_subset"], DATA_SELECTION_SEED, self.device
-        )
+        self.val_data: ImageTensors | None = None
+        if cfg["val_subset"] is None:
+            self.train_data = load_split(
+                cfg["dataset"], True, data_dir, cfg["train_subset"], DATA_SELECTION_SEED, self.device
+            )
+        else:
+            self.train_data, self.val_data = load_train_val(
+                cfg["dataset"], cfg["val_subset"], VAL_SELECTION_SEED, data_dir, cfg["train_subset"],
+                DATA_SELECTION_SEED, self.device,
+            )
         # Label noise: fixed by the trial seed, drawn from a generator of its own (every other
         # random choice is the same as without noise); the count flipped is recorded.
         self.label_noise_flipped = 0
@@ -111,6 +126,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
         self.epoch = 0
         self.history: list[dict] = []
+        # The epoch with the highest robust validation accuracy so far and its weights
+        # (checkpoint_selection: best_robust_val); None before the first validated epoch.
+        self.best: dict | None = None
+        self.selected_epoch: int | None = None  # set by evaluate()
 
     @property
     def done(self) -> bool:
@@ -183,8 +202,45 @@ class Trainer:
         }
         if cfg["label_noise"] > 0:  # train_adv_acc is then measured against the noisy labels
             metrics["label_noise_flipped"] = self.label_noise_flipped
+        if self.val_data is not None:
+            metrics.update(self.validate())
+            self._remember_if_best(metrics["val_robust_acc"])
         self.history.append(metrics)
         return metrics
+
+    def validate(self) -> dict[str, float]:
+        """Clean and robust accuracy on the held-out validation split: PGD (stop on success) at
+        ε_train in norm_train with val_attack_steps steps and the same starts every epoch.
+        At ε_train = 0 the robust accuracy is the clean one."""
+        cfg = self.config
+        x, y = self.val_data.images.float() / 255, self.val_data.labels
+        eps = [cfg["eps_train"]] if cfg["eps_train"] > 0 else []
+        records = robust_accuracy_curve(
+            self.model, x, y, cfg["norm_train"], eps, steps=cfg["val_attack_steps"],
+            step_size_factor=cfg["eval_step_size_factor"], batch_size=cfg["eval_batch_size"],
+            seed=VAL_ATTACK_SEED, stop_on_success=True,
+        ) if eps else []
+        clean = (predictions(self.model, x, cfg["eval_batch_size"]) == y).double().mean().item()
+        return {"val_clean_acc": clean, "val_robust_acc": records[-1]["robust_acc"] if records else clean}
+
+    def _remember_if_best(self, val_robust_acc: float) -> None:
+        # Ties go to the later epoch: equally robust, and trained longer.
+        if self.best is None or val_robust_acc >= self.best["val_robust_acc"]:
+            self.best = {
+                "epoch": self.epoch, "val_robust_acc": val_robust_acc,
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            }
+
+    def selected_model(self) -> tuple[torch.nn.Module, int]:
+        """The model the trial is evaluated with and the epoch its weights are from: the last
+        epoch's, or (checkpoint_selection best_robust_val) the best validated epoch's, in a copy so
+        that the trainer's own state stays the last epoch's."""
+        if self.config["checkpoint_selection"] == "best_robust_val" and self.best is not None:
+            if self.best["epoch"] != self.epoch:
+                model = copy.deepcopy(self.model)
+                model.load_state_dict(self.best["model"])
+                return model, self.best["epoch"]
+        return self.model, self.epoch
 
     def epochs(self) -> Iterator[dict[str, float]]:
         while not self.done:
@@ -200,8 +256,11 @@ class Trainer:
         return (predictions(self.model, x, self.config["eval_batch_size"]) == y).float().mean().item()
 
     def evaluate(self) -> list[dict]:
+        """Every evaluation record of the selected model (`selected_model`); `selected_epoch`
+        says which epoch's weights that is."""
         data = self.test_data()
-        return evaluate_model(self.model, data.images.float() / 255, data.labels, self.config,
+        model, self.selected_epoch = self.selected_model()
+        return evaluate_model(model, data.images.float() / 255, data.labels, self.config,
                               data_dir=self.data_dir)
 
     def state_dict(self) -> dict:
@@ -212,6 +271,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
             "history": list(self.history),
+            "best": self.best,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -221,6 +281,7 @@ class Trainer:
         self.generator.set_state(state["generator"].cpu())
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
+        self.best = state.get("best")  # checkpoints written before checkpoint selection have none
 
 
 def load_pretrained(model, pretrained: dict) -> None:
