@@ -84,7 +84,7 @@ def evaluation_overrides(sets: list[str]) -> dict:
         raise UserError("give the evaluation settings to change with --set, e.g. --set eval_attack_steps=100")
     out = {}
     for key, text in _parse_overrides(sets):
-        if key not in SCHEMA:
+        if key not in SCHEMA and key != "seeds":
             raise UserError(f"--set: unknown setting '{key}'{_closest(key, EVALUATION_KEYS)}; the evaluation "
                             f"settings are in trainables/config.py (EVALUATION_KEYS)")
         if key not in EVALUATION_KEYS:
@@ -124,7 +124,7 @@ def _plan(spec, storage: str, overrides: dict, eval_hash: str, out) -> tuple[lis
     if not kept:
         raise UserError(f"study '{spec.name}' ({spec.scale} scale) has no kept models in "
                         f"{models_store.models_dir(storage, spec.name)}; run it first (python -m orchestrator.study "
-                        f"{spec.name} --scale {spec.scale}): trials keep their models since this version")
+                        f"{spec.name} --scale {spec.scale}) or pass the study's --storage")
     plan, skips = [], []
     for chash in kept:
         trained = models_store.read_meta(storage, spec.name, chash)["config"]
