@@ -90,7 +90,7 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("defence", pa.string(), True),
     # the re-evaluation of a kept model that wrote the row (orchestrator.evaluate): the hash of the
     # evaluation settings it changed (`config_json` holds the config it evaluated with); null: the
-    # trial's own evaluation right after training
+    # trial's own evaluation right after training. Its rows' node_id is `evaluate@HOST`.
     ("eval_hash", pa.string(), True),
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
