@@ -92,6 +92,16 @@ def test_kept_model_round_trip_is_atomic_and_refuses_code(tmp_path):
         models_store.load_model("s", "01234", storage)
 
 
+def test_kept_model_through_a_storage_uri(tmp_path):
+    """The pyarrow.fs path (s3://, gs://) taken with a file:// URI."""
+    cfg, model = _fresh_model(CONFIG)
+    uri = (tmp_path / "remote").as_uri()
+    models_store.save_model(uri, "s", "00112233aabbccdd", cfg, models_store.encode_weights(model.state_dict()))
+    assert models_store.kept_hashes(uri, "s") == ["00112233aabbccdd"]
+    loaded, _ = models_store.load_model("s", "0011", uri)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def _swap_pickle(torch_zip: bytes, payload: bytes) -> bytes:
     """The torch.save zip file with its data.pkl replaced by `payload`."""
     import zipfile
