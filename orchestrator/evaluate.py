@@ -99,11 +99,13 @@ def evaluation_overrides(sets: list[str]) -> dict:
 
 
 def evaluation_hash(overrides: dict) -> str:
-    """The identity of a re-evaluation: its checked settings, hashed (eval_batch_size included:
-    it is a setting the user gave, and one hash per command line keeps reruns idempotent)."""
+    """The identity of a re-evaluation: its checked settings, hashed (without the settings that
+    change only its speed, trainables.config.NON_SEMANTIC_KEYS, as in config hashes)."""
+    from trainables.config import NON_SEMANTIC_KEYS
+
     from .spec import settings_hash
 
-    return settings_hash(overrides)
+    return settings_hash({k: v for k, v in overrides.items() if k not in NON_SEMANTIC_KEYS})
 
 
 def _plan(spec, storage: str, overrides: dict, eval_hash: str, out) -> tuple[list[tuple[str, dict, dict]], list[str]]:
@@ -153,7 +155,7 @@ def run_evaluation(spec, storage: str, tracking_uri: str | None, sets: list[str]
     storage = storage_mod.normalize(storage)
     overrides = evaluation_overrides(sets)
     eval_hash = evaluation_hash(overrides)
-    own = results.load(spec.name, storage)  # a corrupt results file is named now, before any work
+    own = results.own_evaluation(results.load(spec.name, storage))  # a corrupt file is named now
     plan, skips = _plan(spec, storage, overrides, eval_hash, out)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
@@ -322,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = load_study(args.study, args.scale, [])
         evaluation_overrides(args.sets)  # bad settings are named before anything is read
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
         outcome = run_evaluation(spec, args.storage, args.tracking_uri, args.sets, data_dir=args.data_dir,
                                  device=args.device)
         return 1 if outcome.tracking_errors else 0
