@@ -147,7 +147,7 @@ def _plan(spec, storage: str, overrides: dict, eval_hash: str, out) -> tuple[lis
 def run_evaluation(spec, storage: str, tracking_uri: str | None, sets: list[str], data_dir: str | None = None,
                    device: str = "auto", out=sys.stdout) -> EvaluationOutcome:
     """Evaluate the kept models of `spec`'s study with the `--set` evaluation settings (see the
-    module docstring). Checks everything before writing anything; raises UserError (one line)."""
+    module docstring). Checks the input before writing anything; raises UserError (one line)."""
     from . import results, storage as storage_mod, tracking
     from .runner import check_datasets
     from .spec import Trial

@@ -185,5 +185,6 @@ def test_smoke_study_reevaluated_keeps_both_sets_and_its_history(ray_cluster, wo
     report = Path(storage) / "reports" / "smoke" / f"eval-{eval_hash}"
     assert any(report.glob("*.html"))
 
-    assert evaluate.main(args) == 0  # again: every model already has these settings, nothing changes
-    assert len(results.load("smoke", storage)) == 12
+    overrides = evaluate.evaluation_overrides(sets[1::2])  # again: every model already has these settings
+    plan, skips = evaluate._plan(spec, str(Path(storage).resolve()), overrides, eval_hash, io.StringIO())
+    assert plan == [] and len(skips) == 2 and all("already evaluated with these settings" in s for s in skips)
