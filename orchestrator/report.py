@@ -1289,7 +1289,7 @@ def build_report(
     the trials' own (`evaluation` None, in reports/STUDY/), or the re-evaluation with that
     eval_hash (orchestrator.evaluate; in reports/STUDY/eval-HASH/, `evaluation_note` says how)."""
     df = results.load(study, storage) if table is None else table
-    others = sorted(set(df["eval_hash"].dropna())) if evaluation is None and len(df) else []
+    others = sorted(set(df["eval_hash"].dropna())) if evaluation is None and "eval_hash" in df.columns else []
     df = results.evaluation_rows(df, evaluation)  # evaluations of one model are never averaged together
     if df.empty:
         raise ReportError(

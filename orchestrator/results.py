@@ -361,14 +361,14 @@ EVAL_MARK = ".eval-"
 
 def own_evaluation(df: pd.DataFrame) -> pd.DataFrame:
     """The rows each trial wrote right after training (no re-evaluation's rows)."""
-    return df[df["eval_hash"].isna()] if len(df) else df
+    return df[df["eval_hash"].isna()] if len(df) and "eval_hash" in df.columns else df
 
 
 def evaluation_rows(df: pd.DataFrame, eval_hash: str | None) -> pd.DataFrame:
     """The rows of one evaluation: a re-evaluation's `eval_hash`, or None for the trials' own."""
     if eval_hash is None:
         return own_evaluation(df)
-    return df[df["eval_hash"] == eval_hash] if len(df) else df
+    return df[df["eval_hash"] == eval_hash] if "eval_hash" in df.columns else df.iloc[:0]
 
 
 def evaluation_exists(storage: str, study: str, config_hash: str, eval_hash: str) -> bool:
