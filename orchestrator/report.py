@@ -1313,7 +1313,7 @@ def build_report(
     if others:
         notes.insert(0, f"The kept models were evaluated again ({len(others)} re-evaluation(s), "
                         f"python -m orchestrator.evaluate); this report shows the trials' own evaluation, the "
-                        f"others are in " + ", ".join(f"eval-{h}/" for h in others) + " beside it.")
+                        f"others are in the folder(s) " + ", ".join(f"eval-{h}/" for h in others) + " of this one.")
     tk = data.train_keys
     agg_adv = aggregate(data.adv, tk + list(ADV_EVAL_COLUMNS))
     agg_cor = aggregate(data.cor, tk + list(CORRUPTION_EVAL_COLUMNS))
