@@ -10,7 +10,7 @@ def backfill(spec, storage: str, tracking_uri: str | None) -> int:
     storage = storage_mod.normalize(storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
-    table = results.load(spec.name, storage)
+    table = results.own_evaluation(results.load(spec.name, storage))  # re-evaluations: orchestrator.evaluate
     rows_by_hash = {h: g.to_dict("records") for h, g in table.groupby("config_hash")} if len(table) else {}
     configs = {h: json.loads(rows[0]["config_json"]) for h, rows in rows_by_hash.items()}
     # Runs the interrupted invocation could not end (its parent, trials cut off mid-run) are

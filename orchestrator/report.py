@@ -1281,16 +1281,24 @@ def build_report(
     spec_text: str | None = None,
     expected_hashes: dict[str, dict] | None = None,
     table=None,
+    evaluation: str | None = None,
+    evaluation_note: str | None = None,
 ) -> ReportFiles:
     """Rebuild the report of `study` from its Parquet results (`table`: those results already read
-    by `results.load`); returns the files written."""
+    by `results.load`); returns the files written. The report shows one evaluation of the models:
+    the trials' own (`evaluation` None, in reports/STUDY/), or the re-evaluation with that
+    eval_hash (orchestrator.evaluate; in reports/STUDY/eval-HASH/, `evaluation_note` says how)."""
     df = results.load(study, storage) if table is None else table
+    others = sorted(set(df["eval_hash"].dropna())) if evaluation is None and "eval_hash" in df.columns else []
+    df = results.evaluation_rows(df, evaluation)  # evaluations of one model are never averaged together
     if df.empty:
         raise ReportError(
             f"no results for study '{study}' in {results.study_dir(storage, study)}: "
             "run the study first, or pass the right --storage"
         )
     out = Path(out_dir) if out_dir else _default_out_dir(storage, study)
+    if evaluation is not None and not out_dir:
+        out = out / f"eval-{evaluation}"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1300,6 +1308,12 @@ def build_report(
 
     data = prepare(df)
     notes = list(data.notes)
+    if evaluation_note:
+        notes.insert(0, evaluation_note)
+    if others:
+        notes.insert(0, f"The kept models were evaluated again ({len(others)} re-evaluation(s), "
+                        f"python -m orchestrator.evaluate); this report shows the trials' own evaluation, the "
+                        f"others are in the folder(s) " + ", ".join(f"eval-{h}/" for h in others) + " of this one.")
     tk = data.train_keys
     agg_adv = aggregate(data.adv, tk + list(ADV_EVAL_COLUMNS))
     agg_cor = aggregate(data.cor, tk + list(CORRUPTION_EVAL_COLUMNS))
@@ -1540,9 +1554,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", metavar="NAME", help="study name")
     parser.add_argument("--storage", default="runs", help="results root: local path or URI (default: runs)")
     parser.add_argument("--out", default=None, help="output directory (default: STORAGE/reports/NAME)")
+    parser.add_argument("--eval-hash", default=None, help="the report of that re-evaluation of the kept "
+                        "models (python -m orchestrator.evaluate; default: the trials' own evaluation), "
+                        "in STORAGE/reports/NAME/eval-HASH")
     args = parser.parse_args(argv)
     try:
-        files = build_report(args.study, storage=args.storage, out_dir=args.out)
+        files = build_report(args.study, storage=args.storage, out_dir=args.out, evaluation=args.eval_hash)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Layout (hive partitioned by study, so `pyarrow.dataset(..., partitioning="hive")` reads it too)::
 
-    {storage}/results/study={study}/{config_hash}.parquet
+    {storage}/results/study={study}/{config_hash}.parquet                   the trial's own rows
+    {storage}/results/study={study}/{config_hash}.eval-{eval_hash}.parquet  a re-evaluation's rows
 
 It is a long table: one row per trial x norm x eps_test (adversarial rows, ``corruption`` and
 ``severity`` null) and one per trial x corruption x severity (corruption rows, ``norm`` and
@@ -15,6 +16,9 @@ score x measure (``norm``, ``eps_test``, ``corruption``, ``severity`` null, ``at
 empty on measure rows. Files written before a nullable column existed read with it empty.
 Rows of a trial evaluated with a test-time defence carry ``defence`` (e.g. "ssl_reverse") and
 the attack that produced them (``attack`` "pgd" or "pgd_adaptive"); ``defence`` null = undefended.
+
+A re-evaluation of a kept model (orchestrator.evaluate) writes a file of its own, its rows marked by
+``eval_hash``, so the rows of every evaluation of a model sit side by side and none is replaced.
 
 ``study`` is stored in every file as well as in the partition directory name, so a file is
 self-describing; `load` always returns the directory's study name (the partition is authoritative).
@@ -87,6 +91,10 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     # (every row written before the column existed). Defended rows name their attack in `attack`:
     # "pgd" (plain, unaware of the defence), "pgd_adaptive", or "none" at ε_test = 0.
     ("defence", pa.string(), True),
+    # the re-evaluation of a kept model that wrote the row (orchestrator.evaluate): the hash of the
+    # evaluation settings it changed (`config_json` holds the config it evaluated with); null: the
+    # trial's own evaluation right after training. Its rows' node_id is `evaluate@HOST`.
+    ("eval_hash", pa.string(), True),
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
     ("git_sha", pa.string(), True),
@@ -99,7 +107,7 @@ COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 REQUIRED_COLUMNS: frozenset[str] = frozenset(n for n, _, nullable in COLUMN_SPECS if not nullable)
 KEY_COLUMNS: tuple[str, ...] = (
     "config_hash", "norm", "eps_test", "corruption", "severity", "ood_set", "score", "measure",
-    "radius", "attack", "defence",
+    "radius", "attack", "defence", "eval_hash",
 )
 PARTITION_KEY = "study"
 PARQUET_COMPRESSION = "zstd"  # the study file and its copy logged to MLflow
@@ -305,22 +313,28 @@ def write_trial(storage: str, study: str, config_hash: str, rows: list[dict]) ->
     return write_encoded(storage, study, config_hash, encode_trial(study, config_hash, rows))
 
 
-def encode_trial(study: str, config_hash: str, rows: list[dict]) -> bytes:
+def encode_trial(study: str, config_hash: str, rows: list[dict], eval_hash: str | None = None) -> bytes:
     """One trial's rows, checked against SCHEMA (ResultsError if not), as its Parquet file's bytes:
-    encoded once for the results file and for the copy a trial logs to MLflow."""
+    encoded once for the results file and for the copy a trial logs to MLflow. With `eval_hash`,
+    the rows of that re-evaluation (each row's eval_hash must be it; without it, empty)."""
     _check_name("config hash", config_hash)
+    for row in rows if isinstance(rows, (list, tuple)) else ():
+        if isinstance(row, dict) and row.get("eval_hash") != eval_hash:
+            raise ResultsError(f"trial {config_hash}: a row has eval_hash {row.get('eval_hash')!r}, "
+                               f"expected {eval_hash!r}")
     sink = pa.BufferOutputStream()
     pq.write_table(validate_rows(rows, study=study, config_hash=config_hash), sink, compression=PARQUET_COMPRESSION)
     return sink.getvalue().to_pybytes()
 
 
-def write_encoded(storage: str, study: str, config_hash: str, data: bytes) -> str:
-    """Write `encode_trial`'s bytes as the trial's results file, atomically; return its path."""
-    _check_name("config hash", config_hash)
+def write_encoded(storage: str, study: str, config_hash: str, data: bytes, eval_hash: str | None = None) -> str:
+    """Write `encode_trial`'s bytes as the trial's results file (with `eval_hash`: as the file of
+    that re-evaluation), atomically; return its path."""
+    name = file_name(config_hash, eval_hash)
     directory = study_dir(storage, study)
-    final_uri = f"{directory}/{config_hash}.parquet"
+    final_uri = f"{directory}/{name}"
     fs, dir_path = _resolve(directory)
-    final = f"{dir_path}/{config_hash}.parquet"
+    final = f"{dir_path}/{name}"
     tmp = f"{dir_path}/.{config_hash}.{uuid.uuid4().hex}.tmp"
     try:
         fs.create_dir(dir_path, recursive=True)
@@ -334,6 +348,35 @@ def write_encoded(storage: str, study: str, config_hash: str, data: bytes) -> st
             pass
         raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
     return final_uri
+
+
+def file_name(config_hash: str, eval_hash: str | None = None) -> str:
+    """`{config_hash}.parquet`, or `{config_hash}.eval-{eval_hash}.parquet` for a re-evaluation."""
+    _check_name("config hash", config_hash)
+    if eval_hash is None:
+        return f"{config_hash}.parquet"
+    _check_name("evaluation hash", eval_hash)
+    return f"{config_hash}{EVAL_MARK}{eval_hash}.parquet"
+
+
+EVAL_MARK = ".eval-"
+
+
+def own_evaluation(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows each trial wrote right after training (no re-evaluation's rows)."""
+    return df[df["eval_hash"].isna()] if len(df) and "eval_hash" in df.columns else df
+
+
+def evaluation_rows(df: pd.DataFrame, eval_hash: str | None) -> pd.DataFrame:
+    """The rows of one evaluation: a re-evaluation's `eval_hash`, or None for the trials' own."""
+    if eval_hash is None:
+        return own_evaluation(df)
+    return df[df["eval_hash"] == eval_hash] if "eval_hash" in df.columns else df.iloc[:0]
+
+
+def evaluation_exists(storage: str, study: str, config_hash: str, eval_hash: str) -> bool:
+    fs, dir_path = _resolve(study_dir(storage, study))
+    return fs.get_file_info(f"{dir_path}/{file_name(config_hash, eval_hash)}").type == pafs.FileType.File
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,9 +452,10 @@ def load(study: str, storage: str = "runs") -> pd.DataFrame:
 
 
 def completed_hashes(storage: str, study: str) -> set[str]:
-    """Config hashes that have a result file (lists file names only, reads nothing)."""
+    """Config hashes that have a result file of their own training (lists file names only, reads
+    nothing; re-evaluation files are not counted)."""
     _, infos = _list_files(storage, study)
-    return {i.base_name[: -len(".parquet")] for i in infos}
+    return {i.base_name[: -len(".parquet")] for i in infos if EVAL_MARK not in i.base_name}
 
 
 def trial_table(storage: str, study: str, config_hash: str) -> pd.DataFrame:

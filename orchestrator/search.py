@@ -48,7 +48,7 @@ def search_setup(spec: StudySpec, context, storage: str, max_concurrent: int | N
         for key, rng in spec.search.space.items()
     }
     points, rewards = [], []
-    table = results.load(spec.name, storage)
+    table = results.own_evaluation(results.load(spec.name, storage))
     for chash, rows in table.groupby("config_hash") if len(table) else []:
         config = json.loads(rows["config_json"].iloc[0])
         point = {k: config[k] for k in spec.search.space}

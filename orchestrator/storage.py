@@ -1,6 +1,7 @@
 """Study storage: a local path or a URI (s3://, gs://, file://) reached through `pyarrow.fs`.
 
-Layout under the storage root: `results/study=NAME/` (Parquet), `pretrained/` (SSL backbones),
+Layout under the storage root: `results/study=NAME/` (Parquet), `models/study=NAME/` (each
+trial's final weights, orchestrator.models_store), `pretrained/` (SSL backbones),
 `tune/` (Ray Tune experiments and checkpoints), `reports/NAME/`.
 """
 from __future__ import annotations

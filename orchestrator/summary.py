@@ -124,15 +124,15 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
             print(f"the report is on disk but could not be logged to MLflow: {error}", file=out)
     print("", file=out)
     print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
-    print(robustness_table(spec, table), file=out)
+    print(robustness_table(spec, results.own_evaluation(table)), file=out)
     print("", file=out)
-    defended = defence_text(table)
+    defended = defence_text(results.own_evaluation(table))
     if defended is not None:
         print(f"accuracy behind the test-time defence ({spec.name}; plain PGD vs adaptive PGD; mean ± 95% CI):",
               file=out)
         print(defended, file=out)
         print("", file=out)
-    ood_text = ood_auroc_table(spec, table)
+    ood_text = ood_auroc_table(spec, results.own_evaluation(table))
     if ood_text:
         print(f"OOD detection AUROC ({spec.name}; set/score; in-distribution test images vs the set; "
               f"mean ± 95% CI over seeds):", file=out)

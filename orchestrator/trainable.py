@@ -24,7 +24,7 @@ from ray import tune
 
 from trainables.config import resolve
 
-from . import results
+from . import models_store, results
 from .spec import config_hash
 from .tracking import label_free_metric_name, ood_metric_name, result_metric_name
 from .tracking_service import RemoteTrialTracker
@@ -218,6 +218,9 @@ def run_trial(params: dict, context: StudyContext) -> None:
     records = trainer.evaluate()
     if tracker is not None and tracker.setup_failed():
         return
+    # Kept, so a stronger attack later needs no retraining (orchestrator.evaluate).
+    model_files = models_store.save_model(context.storage, context.study, chash, config,
+                                          models_store.encode_weights(trainer.model.state_dict()))
     run_id = tracker.run_id if tracker is not None else None  # created during training: no wait
     rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id, trainer.selected_epoch)
     summary = summary_metrics(config, records)
@@ -227,6 +230,8 @@ def run_trial(params: dict, context: StudyContext) -> None:
         tracker.log_result_metrics({**result_metrics(records), **summary, "selected_epoch": trainer.selected_epoch})
         tracker.log_artifact_content("robust_accuracy_curve.svg", trial_curve_svg(records, config).encode())
         tracker.log_artifact_content(f"{chash}.parquet", encoded)
+        for name, content in model_files.items():  # the kept model: weights and config
+            tracker.log_artifact_content(name, content)
         tracker.finish("FINISHED")
     tracking_error = tracker.error if tracker is not None and not tracker.ok else ""
     with _checkpoint(trainer, chash) as checkpoint:

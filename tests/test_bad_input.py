@@ -199,6 +199,56 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(place, files, args, expe
     assert list(place.cwd.iterdir()) == []  # no runs/, no mlflow.db, no mlartifacts/
 
 
+# `python -m orchestrator.evaluate` (re-evaluation of kept models): (id, arguments, what the line must say)
+EVALUATE_CASES = [
+    ("no-settings", ["base"], ["give the evaluation settings to change with --set, e.g. --set eval_attack_steps=100"]),
+    ("training-setting", ["base", "--set", "epochs=3"],
+     ["--set epochs: 'epochs' is a training setting and the kept models are already trained",
+      "only evaluation settings (eval_*", "python -m orchestrator.study"]),
+    ("seeds", ["base", "--set", "seeds=[1, 2]"], ["--set seeds: 'seeds' is a training setting"]),
+    ("unknown-setting", ["base", "--set", "eval_atack_steps=50"],
+     ["--set: unknown setting 'eval_atack_steps' (did you mean eval_attack_steps", "EVALUATION_KEYS"]),
+    ("bad-value", ["base", "--set", "eval_attack_steps=0"], ["--set eval_attack_steps: 'eval_attack_steps' must be > 0, got 0"]),
+    ("unknown-study", ["bsae", "--set", "eval_attack_steps=50"], ["unknown study 'bsae' (did you mean base?)"]),
+    ("no-kept-models", ["base", "--set", "eval_attack_steps=50"],
+     ["study 'base' (default scale) has no kept models in {cwd}/runs/models/study=base",
+      "run it first (python -m orchestrator.study base --scale default) or pass the study's --storage"]),
+]
+
+
+@pytest.mark.parametrize("args, expected", [c[1:] for c in EVALUATE_CASES], ids=[c[0] for c in EVALUATE_CASES])
+def test_evaluate_bad_input_is_one_clear_line_and_writes_nothing(place, args, expected):
+    line = one_clear_line(place.run(*args, module="orchestrator.evaluate"))
+    for text in expected:
+        assert text.format(cwd=place.cwd) in line, line
+    assert list(place.cwd.iterdir()) == []
+
+
+def test_evaluate_setting_a_kept_model_cannot_take_is_refused_before_anything_is_written(place, monkeypatch):
+    """A kept model (a fresh small_cnn saved as a trial would) whose config cannot take the new
+    setting: the one-line config error, the model and everything else left as they were."""
+    import torch
+
+    from orchestrator import models_store
+    from orchestrator.spec import load_study
+
+    from trainables.data import dataset_info
+    from trainables.models import build_model
+
+    monkeypatch.setenv("SSLROBUST_STUDIES_DIR", str(place.studies))
+    trial = load_study("base").trials()[0]
+    torch.manual_seed(0)
+    model = build_model("small_cnn", dataset_info("fashion_mnist"))
+    models_store.save_model(str(place.cwd / "runs"), "base", trial.config_hash, trial.config,
+                            models_store.encode_weights(model.state_dict()))
+    before = tree(place.cwd)
+    line = one_clear_line(place.run("base", "--set", "defence=ssl_reverse", "--set", "defence_tasks=[contrastive]",
+                                    module="orchestrator.evaluate"))
+    assert (f"--set (model {trial.config_hash}): defence task 'contrastive' is not one the model trains with "
+            f"(rotation); add it to ssl_tasks or drop it from defence_tasks") in line, line
+    assert tree(place.cwd) == before
+
+
 def test_missing_dataset_is_named_with_how_to_get_it_before_any_trial(place):
     """The driver checks the datasets of the trials to run before it starts Ray or MLflow; with
     no internet (here: a proxy nobody answers at) the download fails and says so."""

@@ -182,3 +182,27 @@ def test_completed_hashes_and_empty_study(tmp_path):
     assert len(results.load("s1", str(tmp_path))) == 15
     assert len(results.trial_table(str(tmp_path), "s1", "bb")) == 5
     assert results.trial_table(str(tmp_path), "s1", "zz").empty
+
+
+def test_reevaluation_rows_sit_beside_the_trials_own(tmp_path):
+    """A re-evaluation's file (orchestrator.evaluate) has the same keys but its eval_hash: both load,
+    the trial counts as done once, and each evaluation is selected on its own."""
+    storage = str(tmp_path)
+    results.write_trial(storage, "s1", "h0", trial_rows())
+    own_bytes = (tmp_path / "results" / "study=s1" / "h0.parquet").read_bytes()
+    again = trial_rows(eval_hash="e1", robust_acc=0.1)
+    path = results.write_encoded(storage, "s1", "h0", results.encode_trial("s1", "h0", again, eval_hash="e1"),
+                                 eval_hash="e1")
+    assert path.endswith("/h0.eval-e1.parquet")
+    assert (tmp_path / "results" / "study=s1" / "h0.parquet").read_bytes() == own_bytes
+    table = results.load("s1", storage)  # the duplicate-key check passes: eval_hash tells them apart
+    assert len(table) == 10 and not table.duplicated(list(KEY_COLUMNS)).any()
+    assert len(results.own_evaluation(table)) == 5 and results.own_evaluation(table)["eval_hash"].isna().all()
+    assert (results.evaluation_rows(table, "e1")["eval_hash"] == "e1").sum() == 5
+    assert results.completed_hashes(storage, "s1") == {"h0"}
+    assert len(results.trial_table(storage, "s1", "h0")) == 5
+    assert results.evaluation_exists(storage, "s1", "h0", "e1") and not results.evaluation_exists(storage, "s1", "h0", "e2")
+    with pytest.raises(ResultsError, match="eval_hash"):  # a file's rows all belong to its evaluation
+        results.encode_trial("s1", "h0", again, eval_hash="e2")
+    with pytest.raises(ResultsError, match="eval_hash"):
+        results.encode_trial("s1", "h0", again)

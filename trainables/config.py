@@ -174,6 +174,16 @@ HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
 # Validation split and checkpoint selection, added later again: hashed only when changed.
 HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({"val_subset", "val_attack_steps", "checkpoint_selection"})
 
+# Keys that change only how a trained model is evaluated, never its weights: the settings a
+# re-evaluation of kept models (orchestrator.evaluate) may change. Every eval_* key is one.
+EVALUATION_KEYS = frozenset(k for k in SCHEMA if k.startswith("eval_")) | frozenset({
+    "test_subset", "corruptions", "corruption_severities",
+    "defence", "defence_eps", "defence_steps", "defence_tasks",
+    "ood_sets", "ood_scores", "ood_examples",
+    "label_free_eval", "label_free_eps", "label_free_steps", "label_free_examples",
+    "smoothing_sigma", "smoothing_n0", "smoothing_n", "smoothing_alpha", "smoothing_radii",
+})
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message is one line that says what, where and how to fix."""
