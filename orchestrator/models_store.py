@@ -50,9 +50,11 @@ def encode_weights(state_dict: dict) -> bytes:
     return buffer.getvalue()
 
 
-def save_model(storage: str, study: str, config_hash: str, config: dict, weights: bytes) -> dict[str, bytes]:
-    """Keep a trained model: `weights` (from `encode_weights`) and its JSON, each written
-    atomically, the JSON last. Rewriting the same config hash replaces both. Returns the files
+def save_model(storage: str, study: str, config_hash: str, config: dict, weights: bytes,
+               selected_epoch: int | None = None) -> dict[str, bytes]:
+    """Keep a trained model: `weights` (from `encode_weights`, the training epoch
+    `selected_epoch`'s) and its JSON, each written atomically, the JSON last. Rewriting the same
+    config hash replaces both. Returns the files
     written, name -> content (the trial logs the same bytes to its MLflow run).
     Raises ModelStoreError (one line) if storage cannot be written."""
     directory = models_dir(storage, study)
@@ -60,6 +62,7 @@ def save_model(storage: str, study: str, config_hash: str, config: dict, weights
         "study": study, "config_hash": config_hash, "format": FORMAT, "weights": config_hash + WEIGHTS_SUFFIX,
         "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights),
         "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config,
+        "selected_epoch": selected_epoch,
     }
     files = {config_hash + WEIGHTS_SUFFIX: weights,
              config_hash + META_SUFFIX: json.dumps(meta, sort_keys=True, indent=1).encode()}

@@ -218,9 +218,12 @@ def run_trial(params: dict, context: StudyContext) -> None:
     records = trainer.evaluate()
     if tracker is not None and tracker.setup_failed():
         return
-    # Kept, so a stronger attack later needs no retraining (orchestrator.evaluate).
+    # Kept, so a stronger attack later needs no retraining (orchestrator.evaluate): the weights
+    # that were evaluated (checkpoint_selection), from epoch trainer.selected_epoch.
+    selected, _ = trainer.selected_model()
     model_files = models_store.save_model(context.storage, context.study, chash, config,
-                                          models_store.encode_weights(trainer.model.state_dict()))
+                                          models_store.encode_weights(selected.state_dict()),
+                                          selected_epoch=trainer.selected_epoch)
     run_id = tracker.run_id if tracker is not None else None  # created during training: no wait
     rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id, trainer.selected_epoch)
     summary = summary_metrics(config, records)
