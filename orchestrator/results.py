@@ -1,8 +1,16 @@
 """The results table of a study: Parquet files, one per trial, schema defined once here.
 
-Layout (hive partitioned by study, so `pyarrow.dataset(..., partitioning="hive")` reads it too)::
+Layout::
 
-    {storage}/results/study={study}/{config_hash}.parquet
+    {storage}/results/{study}/{config_hash}.parquet
+
+The study's folder is a plain name, not a hive partition (``study=NAME``): the ``study`` column is
+stored in every file, so ``pandas.read_parquet(storage + "/results")``,
+``pyarrow.dataset.dataset(..., partitioning="hive")`` and DuckDB's ``read_parquet('.../results/**/*.parquet',
+hive_partitioning=true)`` read every study's rows with ``study`` a string. (A hive folder beside the
+column made the readers infer the partition's type from the name, an integer for a study "2024",
+and refuse to merge it with the string column.) Folders written by earlier versions
+(``results/study=NAME/``) are still read by `load`, and `migrate` moves them to this layout.
 
 It is a long table: one row per trial x norm x eps_test (adversarial rows, ``corruption`` and
 ``severity`` null) and one per trial x corruption x severity (corruption rows, ``norm`` and
@@ -16,8 +24,8 @@ empty on measure rows. Files written before a nullable column existed read with 
 Rows of a trial evaluated with a test-time defence carry ``defence`` (e.g. "ssl_reverse") and
 the attack that produced them (``attack`` "pgd" or "pgd_adaptive"); ``defence`` null = undefended.
 
-``study`` is stored in every file as well as in the partition directory name, so a file is
-self-describing; `load` always returns the directory's study name (the partition is authoritative).
+``study`` is stored in every file as well as in the folder name, so a file is self-describing;
+`load` always returns the folder's study name.
 
 Each trial's file is written atomically (hidden temporary name in the same directory, then a move
 over the final name), so re-running a trial replaces its file instead of duplicating rows and an
@@ -98,7 +106,7 @@ KEY_COLUMNS: tuple[str, ...] = (
     "config_hash", "norm", "eps_test", "corruption", "severity", "ood_set", "score", "measure",
     "radius", "attack", "defence",
 )
-PARTITION_KEY = "study"
+OLD_PARTITION_KEY = "study"  # the hive folder `results/study=NAME/` of earlier versions (read, migrated)
 PARQUET_COMPRESSION = "zstd"  # the study file and its copy logged to MLflow
 
 assert set(KEY_COLUMNS) <= set(COLUMNS)
@@ -145,12 +153,21 @@ def _is_uri(storage: str) -> bool:
     return "://" in storage
 
 
+def results_dir(storage: str) -> str:
+    """`{storage}/results`: every study's folder, and nothing else (readers take every file in it)."""
+    return f"{str(storage).rstrip('/') or '/'}/results"
+
+
 def study_dir(storage: str, study: str) -> str:
-    """`{storage}/results/study={study}`; storage is a local path or a pyarrow.fs URI."""
+    """`{storage}/results/{study}`; storage is a local path or a pyarrow.fs URI."""
     _check_name("study name", study)
-    storage = str(storage)
-    base = storage.rstrip("/") or "/"
-    return f"{base}/results/{PARTITION_KEY}={study}"
+    return f"{results_dir(storage)}/{study}"
+
+
+def old_study_dir(storage: str, study: str) -> str:
+    """Where earlier versions wrote the study: `{storage}/results/study={study}`."""
+    _check_name("study name", study)
+    return f"{results_dir(storage)}/{OLD_PARTITION_KEY}={study}"
 
 
 def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -180,13 +197,24 @@ def _visible_parquet(info: pafs.FileInfo) -> bool:
     )
 
 
-def _list_files(storage: str, study: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
-    fs, path = _resolve(study_dir(storage, study))
+def _list_dir(storage: str, study: str, directory: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    fs, path = _resolve(directory)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     except Exception as exc:
         raise ResultsError(f"cannot list results of study '{study}' in {storage}: {_one_line(exc)}") from None
     return fs, sorted((i for i in infos if _visible_parquet(i)), key=lambda i: i.base_name)
+
+
+def _list_files(storage: str, study: str) -> tuple[pafs.FileSystem, list[tuple[pafs.FileInfo, str]]]:
+    """The study's result files as (info, the path shown in messages), in hash order: the current
+    layout's, and an earlier layout's for the hashes the current one lacks."""
+    fs, infos = _list_dir(storage, study, study_dir(storage, study))
+    found = {i.base_name: (i, f"{study_dir(storage, study)}/{i.base_name}") for i in infos}
+    _, old = _list_dir(storage, study, old_study_dir(storage, study))
+    for i in old:
+        found.setdefault(i.base_name, (i, f"{old_study_dir(storage, study)}/{i.base_name}"))
+    return fs, [found[name] for name in sorted(found)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +358,43 @@ def write_encoded(storage: str, study: str, config_hash: str, data: bytes) -> st
         except Exception:
             pass
         raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
+    _, old_dir = _resolve(old_study_dir(storage, study))
+    old = f"{old_dir}/{config_hash}.parquet"
+    if fs.get_file_info(old).type == pafs.FileType.File:  # the same trial in the earlier layout
+        fs.delete_file(old)
     return final_uri
+
+
+def migrate(storage: str) -> list[str]:
+    """Move every study folder of the earlier layout (`results/study=NAME/`) to `results/NAME/`;
+    return the studies moved. A file the current layout already has is dropped from the old folder
+    (the current one is newer); the old folder is removed once empty. Moves are renames, so a reader
+    never sees a half file."""
+    fs, root = _resolve(results_dir(storage))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
+    except Exception as exc:
+        raise ResultsError(f"cannot list {results_dir(storage)}: {_one_line(exc)}") from None
+    moved = []
+    prefix = f"{OLD_PARTITION_KEY}="
+    for info in infos:
+        study = info.base_name[len(prefix):]
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith(prefix) \
+                or not _NAME_RE.match(study):
+            continue
+        _, files = _list_dir(storage, study, old_study_dir(storage, study))
+        _, new_dir = _resolve(study_dir(storage, study))
+        fs.create_dir(new_dir, recursive=True)
+        for f in files:
+            target = f"{new_dir}/{f.base_name}"
+            if fs.get_file_info(target).type == pafs.FileType.File:
+                fs.delete_file(f.path)
+            else:
+                fs.move(f.path, target)
+        if not fs.get_file_info(pafs.FileSelector(info.path, allow_not_found=True)):
+            fs.delete_dir(info.path)
+        moved.append(study)
+    return moved
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,8 +445,9 @@ def load(study: str, storage: str = "runs") -> pd.DataFrame:
     """Every result row of a study as a DataFrame (empty, with the schema's columns, if none)."""
     fs, infos = _list_files(storage, study)
     directory = study_dir(storage, study)
-    def read(info: pafs.FileInfo) -> pa.Table:
-        return _read_file(fs, info.path, f"{directory}/{info.base_name}", study)
+
+    def read(item: tuple[pafs.FileInfo, str]) -> pa.Table:
+        return _read_file(fs, item[0].path, item[1], study)
 
     if len(infos) > 8:  # many small files on an object store: read a few at a time
         from concurrent.futures import ThreadPoolExecutor
@@ -408,15 +473,15 @@ def load(study: str, storage: str = "runs") -> pd.DataFrame:
 def completed_hashes(storage: str, study: str) -> set[str]:
     """Config hashes that have a result file (lists file names only, reads nothing)."""
     _, infos = _list_files(storage, study)
-    return {i.base_name[: -len(".parquet")] for i in infos}
+    return {i.base_name[: -len(".parquet")] for i, _ in infos}
 
 
 def trial_table(storage: str, study: str, config_hash: str) -> pd.DataFrame:
     """One trial's rows (empty DataFrame with the schema's columns if it has no result file)."""
     _check_name("config hash", config_hash)
-    directory = study_dir(storage, study)
-    fs, dir_path = _resolve(directory)
-    path = f"{dir_path}/{config_hash}.parquet"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return empty_frame()
-    return _to_pandas(_read_file(fs, path, f"{directory}/{config_hash}.parquet", study))
+    for directory in (study_dir(storage, study), old_study_dir(storage, study)):
+        fs, dir_path = _resolve(directory)
+        path = f"{dir_path}/{config_hash}.parquet"
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            return _to_pandas(_read_file(fs, path, f"{directory}/{config_hash}.parquet", study))
+    return empty_frame()

@@ -216,7 +216,7 @@ class Workspace:
         return sorted(self.storage.glob(f"tune/{study}-*/*/{pattern}"))
 
     def result_files(self, study: str) -> dict[str, Path]:
-        return {p.stem: p for p in (self.storage / "results" / f"study={study}").glob("*.parquet")}
+        return {p.stem: p for p in (self.storage / "results" / study).glob("*.parquet")}
 
 
 @pytest.fixture
@@ -622,7 +622,7 @@ def _write_in_subprocess(storage: Path, chash: str, rows: int, size: int, kill: 
         return None
     try:
         assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
-        folder = storage / "results" / "study=pq"
+        folder = storage / "results" / "pq"
 
         def partial():
             found = [p for p in folder.glob(f".{chash}.*") if p.stat().st_size > 0] if folder.is_dir() else []
@@ -644,14 +644,14 @@ def test_parquet_write_killed_half_way_leaves_no_partial_file_visible(tmp_path):
     kept, new = "a" * 16, "b" * 16
     _write_in_subprocess(storage, kept, rows=2, size=1000, kill=False)
     before = results.load("pq", str(storage))
-    kept_file = storage / "results" / "study=pq" / f"{kept}.parquet"
+    kept_file = storage / "results" / "pq" / f"{kept}.parquet"
     kept_bytes = kept_file.read_bytes()
 
     # A new trial's file, and a re-write of an existing one (a retry), each killed mid-write.
     for chash in (new, kept):
         partial = _write_in_subprocess(storage, chash, rows=20, size=6_000_000, kill=True)
         assert partial.exists() and partial.name.startswith(".")  # half-written, hidden
-        assert not (storage / "results" / "study=pq" / f"{new}.parquet").exists()
+        assert not (storage / "results" / "pq" / f"{new}.parquet").exists()
         assert kept_file.read_bytes() == kept_bytes  # the complete earlier version is untouched
         assert results.completed_hashes(str(storage), "pq") == {kept}
         after = results.load("pq", str(storage))
