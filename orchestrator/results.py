@@ -485,3 +485,52 @@ def trial_table(storage: str, study: str, config_hash: str) -> pd.DataFrame:
         if fs.get_file_info(path).type == pafs.FileType.File:
             return _to_pandas(_read_file(fs, path, f"{directory}/{config_hash}.parquet", study))
     return empty_frame()
+
+
+# --------------------------------------------------------------------------------------------
+# The grid of the last invocation: what the report's "missing cells" compare against
+# --------------------------------------------------------------------------------------------
+def grid_path(storage: str, study: str) -> str:
+    """`{storage}/grids/{study}.json`: beside `results/`, not in it, so that readers of the results
+    folder see Parquet files only."""
+    _check_name("study name", study)
+    return f"{str(storage).rstrip('/') or '/'}/grids/{study}.json"
+
+
+def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict[str, dict] | None) -> str:
+    """Record an invocation's grid (`cells`: config hash -> resolved config; None for a search) and
+    its study file's text, atomically, so `python -m orchestrator.report` rebuilds the report of the
+    study as it ended, missing cells included. Returns the path."""
+    import json
+
+    uri = grid_path(storage, study)
+    fs, path = _resolve(uri)
+    folder = path.rsplit("/", 1)[0]
+    tmp = f"{folder}/.{study}.{uuid.uuid4().hex}.tmp"
+    data = json.dumps({"study": study, "scale": scale, "spec_text": spec_text, "cells": cells},
+                      sort_keys=True, default=str).encode()
+    try:
+        fs.create_dir(folder, recursive=True)
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    except Exception as exc:
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise ResultsError(f"cannot write {uri}: {_one_line(exc)}") from None
+    return uri
+
+
+def read_grid(storage: str, study: str) -> dict | None:
+    """The grid `write_grid` recorded for the study, or None (none recorded, or unreadable)."""
+    import json
+
+    fs, path = _resolve(grid_path(storage, study))
+    try:
+        with fs.open_input_stream(path) as stream:
+            grid = json.loads(stream.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return grid if isinstance(grid, dict) else None

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrent=args.max_concurrent, resume=args.resume, dry_run=args.dry_run,
             data_dir=args.data_dir, resources=resources,
         ))
-        return 1 if outcome.failed else 0
+        return 1 if outcome.failed or outcome.missing else 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -142,6 +142,18 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
           f"failed: {len(outcome.failed)}", file=out)
     for failure in outcome.failed:
         print(f"  failed: {failure}", file=out)
+    for line in getattr(outcome, "nan_objectives", []):
+        print(f"  {line}", file=out)
+    present = set(table["config_hash"]) if len(table) else set()
+    missing = [t for t in trials if t.config_hash not in present]
+    outcome.missing = [t.config_hash for t in missing]
+    if missing:
+        varying = spec.varying()
+        print(f"cells of the grid without a result: {len(missing)} of {len(trials)} (run the study again, "
+              f"without --resume, to run them):", file=out)
+        for t in missing:
+            values = ", ".join(f"{k}={t.factors[k]}" for k in varying) or "(single cell)"
+            print(f"  {t.config_hash}  {values}", file=out)
     if outcome.tracking_errors:
         trials_lost = sum(not e.startswith("parent run ") for e in outcome.tracking_errors)  # see runner
         parent_lost = " and the study's parent run" if trials_lost < len(outcome.tracking_errors) else ""
