@@ -346,7 +346,7 @@ def _restore_path(spec: StudySpec, options: RunOptions, storage: str, out) -> st
 def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutcome:
     # Per-epoch checkpoints of short trials are expected here, not a bottleneck worth a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from .summary import finish_study
+    from .summary import finish_study, record_grid
 
     storage = storage_mod.normalize(options.storage)
     resources = dict(spec.resources)
@@ -372,7 +372,6 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     if spec.search is None and not pending and not options.resume:
         print(f"every one of the {len(trials)} trials of {spec.name} has results; nothing to run "
               f"(add values to a factor or seeds to run more)", file=out)
-        results.write_grid(storage, spec.name, spec.scale, spec.text, {t.config_hash: t.config for t in trials})
         outcome.report_path = finish_study(spec, storage, tracking_uri, trials, outcome, out)
         return outcome
     if options.address:
@@ -390,8 +389,6 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
     results.migrate(storage)  # an earlier version's results/study=NAME/ folders, for every reader
-    results.write_grid(storage, spec.name, spec.scale, spec.text,
-                       {t.config_hash: t.config for t in trials} if spec.search is None else None)
 
     provenance = tracking.provenance_tags()
     # The service imports MLflow and creates the experiment and the parent run (or reopens it:
@@ -424,6 +421,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     invocation = {"study": spec.name, "scale": spec.scale, "cells": [t.config_hash for t in pending]}
 
     def setup_done(setup: dict) -> None:
+        record_grid(spec, trials, storage)  # a rebuilt report lists the missing cells even if the driver dies
         if not restore_path:  # what --resume reads to reopen this invocation's parent run
             _write_invocation(invocation_dir, {**invocation, "parent_run_id": setup["parent_run_id"]})
         if setup["stale"]:

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
             max_concurrent=args.max_concurrent, resume=args.resume, dry_run=args.dry_run,
             data_dir=args.data_dir, resources=resources,
-        ))
+        ), out=sys.stdout)  # the stdout of now, not of import time (Tune pickles the stopper that prints)
         return 1 if outcome.failed or outcome.missing else 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

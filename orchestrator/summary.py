@@ -105,11 +105,19 @@ def ood_auroc_table(spec, table) -> str | None:
     return render_columns(lines)
 
 
+def record_grid(spec, trials, storage) -> None:
+    """The invocation's grid beside the results (`results.write_grid`): `python -m orchestrator.report`
+    rebuilds the report this invocation ends with, missing cells included."""
+    results.write_grid(storage, spec.name, spec.scale, spec.text,
+                       {t.config_hash: t.config for t in trials} if spec.search is None else None)
+
+
 def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, log_report=None) -> str | None:
     """Write the report, log it with ``log_report(paths, artifact_path)`` (returns an error line or
     None; None: not logged), print the robustness tables and where everything is."""
     from .report import build_report
 
+    record_grid(spec, trials, storage)
     table = results.load(spec.name, storage)
     report_path = None
     try:
