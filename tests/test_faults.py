@@ -385,6 +385,18 @@ def test_sigkill_of_the_driver_then_resume_or_plain_rerun_finishes_the_rest(ws, 
     _, runs = mlflow_runs(ws.tracking_uri, "dkill")
     assert any(r.info.status == "RUNNING" and r.data.tags.get("sslrobust.role") == "parent" for r in runs)
 
+    # --resume with a grid that has a cell the interrupted run never started (λ = 2): refused before
+    # anything starts, one line, nothing changed (Tune would restore the old grid and leave it out).
+    files_before = {p: p.stat().st_mtime_ns for p in [*ws.storage.rglob("*"), ws.root / "mlflow.db"] if p.is_file()}
+    rc, out, err = ws.run("dkill", "--max-concurrent", "1", "--resume", "--set", "ssl_weight=[0.0, 0.5, 1.0, 2.0]",
+                          log="changed")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out + err, ws.tail("changed")
+    assert lines[0].startswith("error: --resume: the grid of dkill has 1 cell(s) that the interrupted run "), lines
+    assert "(ssl_weight=2.0)" in lines[0] and "run without --resume" in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in [*ws.storage.rglob("*"), ws.root / "mlflow.db"]
+            if p.is_file()} == files_before
+
     # The same interrupted state twice: --resume here, a plain re-run in a copy.
     rerun = Workspace(tmp_path / "rerun")
     try:
