@@ -367,9 +367,11 @@ def write_encoded(storage: str, study: str, config_hash: str, data: bytes) -> st
 
 def migrate(storage: str) -> list[str]:
     """Move every study folder of the earlier layout (`results/study=NAME/`) to `results/NAME/`;
-    return the studies moved. A file the current layout already has is dropped from the old folder
-    (the current one is newer); the old folder is removed once empty. Moves are renames, so a reader
-    never sees a half file."""
+    return the studies moved. Each file is rewritten with today's SCHEMA (columns added since it was
+    written, empty), so a plain reader's schema taken from any file fits them all; written under a
+    hidden name and moved, so a reader never sees half a file. A file the current layout already has
+    is dropped from the old folder (the current one is newer); an unreadable one stays where it is
+    (`load` names it); the old folder is removed once empty."""
     fs, root = _resolve(results_dir(storage))
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
@@ -383,14 +385,19 @@ def migrate(storage: str) -> list[str]:
                 or not _NAME_RE.match(study):
             continue
         _, files = _list_dir(storage, study, old_study_dir(storage, study))
-        _, new_dir = _resolve(study_dir(storage, study))
-        fs.create_dir(new_dir, recursive=True)
         for f in files:
-            target = f"{new_dir}/{f.base_name}"
-            if fs.get_file_info(target).type == pafs.FileType.File:
-                fs.delete_file(f.path)
+            config_hash = f.base_name[: -len(".parquet")]
+            _, new_dir = _resolve(study_dir(storage, study))
+            if fs.get_file_info(f"{new_dir}/{f.base_name}").type != pafs.FileType.File:
+                try:
+                    table = _read_file(fs, f.path, f.path, study)
+                except ResultsError:
+                    continue
+                sink = pa.BufferOutputStream()
+                pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
+                write_encoded(storage, study, config_hash, sink.getvalue().to_pybytes())
             else:
-                fs.move(f.path, target)
+                fs.delete_file(f.path)
         if not fs.get_file_info(pafs.FileSelector(info.path, allow_not_found=True)):
             fs.delete_dir(info.path)
         moved.append(study)
