@@ -224,9 +224,15 @@ def test_duckdb_reads_the_results_folder(tmp_path):
     import duckdb  # a test extra (pyproject.toml)
 
     _two_studies(tmp_path)
-    df = duckdb.sql(f"SELECT * FROM read_parquet('{tmp_path}/results/**/*.parquet', "
-                    f"hive_partitioning=true)").df()
-    _check_reader_table(df)
+    source = f"read_parquet('{tmp_path}/results/**/*.parquet', hive_partitioning=true)"
+    con = duckdb.connect()
+    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})").fetchall())
+    assert set(types) == set(SCHEMA.names)
+    assert types["study"] == "VARCHAR" and types["robust_acc"] == "DOUBLE" and types["seed"] == "BIGINT"
+    assert types["finished_at"] == "TIMESTAMP WITH TIME ZONE"
+    counts = con.execute(f"SELECT study, count(DISTINCT config_hash), count(*) FROM {source} "
+                         f"GROUP BY study ORDER BY study").fetchall()
+    assert counts == [("2024", 2, 10), ("s1", 1, 5)]
 
 
 def test_the_earlier_hive_layout_still_loads_and_migrates(tmp_path):
