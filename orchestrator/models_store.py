@@ -2,8 +2,8 @@
 
 Layout (beside `results/`; a local path or a `pyarrow.fs` URI such as s3://bucket/prefix)::
 
-    {storage}/models/study={study}/{config_hash}.pt     the model's state dict (tensors only)
-    {storage}/models/study={study}/{config_hash}.json   config hash, resolved config, SHA-256 of the .pt
+    {storage}/models/{study}/{config_hash}.pt     the model's state dict (tensors only)
+    {storage}/models/{study}/{config_hash}.json   config hash, resolved config, SHA-256 of the .pt
 
 The weights are a plain ``{name: tensor}`` dict written with `torch.save` and read back with
 ``torch.load(weights_only=True)``, which refuses pickles that would run code (safetensors is not a
@@ -37,8 +37,8 @@ class ModelStoreError(UserError):
 
 
 def models_dir(storage: str, study: str) -> str:
-    """`{storage}/models/study={study}`."""
-    return storage_mod.join(str(storage), "models", f"study={study}")
+    """`{storage}/models/{study}`."""
+    return storage_mod.join(str(storage), "models", study)
 
 
 def encode_weights(state_dict: dict) -> bytes:

@@ -1296,6 +1296,11 @@ def build_report(
             f"no results for study '{study}' in {results.study_dir(storage, study)}: "
             "run the study first, or pass the right --storage"
         )
+    if expected_hashes is None and spec_text is None:  # a rebuild: the grid of the last invocation
+        grid = results.read_grid(storage, study)
+        if grid is not None:
+            expected_hashes = grid.get("cells") or None
+            spec_text = grid.get("spec_text")
     out = Path(out_dir) if out_dir else _default_out_dir(storage, study)
     if evaluation is not None and not out_dir:
         out = out / f"eval-{evaluation}"

@@ -1,9 +1,17 @@
 """The results table of a study: Parquet files, one per trial, schema defined once here.
 
-Layout (hive partitioned by study, so `pyarrow.dataset(..., partitioning="hive")` reads it too)::
+Layout::
 
-    {storage}/results/study={study}/{config_hash}.parquet                   the trial's own rows
-    {storage}/results/study={study}/{config_hash}.eval-{eval_hash}.parquet  a re-evaluation's rows
+    {storage}/results/{study}/{config_hash}.parquet                   the trial's own rows
+    {storage}/results/{study}/{config_hash}.eval-{eval_hash}.parquet  a re-evaluation's rows
+
+The study's folder is a plain name, not a hive partition (``study=NAME``): the ``study`` column is
+stored in every file, so ``pandas.read_parquet(storage + "/results")``,
+``pyarrow.dataset.dataset(..., partitioning="hive")`` and DuckDB's ``read_parquet('.../results/**/*.parquet',
+hive_partitioning=true)`` read every study's rows with ``study`` a string. (A hive folder beside the
+column made the readers infer the partition's type from the name, an integer for a study "2024",
+and refuse to merge it with the string column.) Folders written by earlier versions
+(``results/study=NAME/``) are still read by `load`, and `migrate` moves them to this layout.
 
 It is a long table: one row per trial x norm x eps_test (adversarial rows, ``corruption`` and
 ``severity`` null) and one per trial x corruption x severity (corruption rows, ``norm`` and
@@ -20,8 +28,8 @@ the attack that produced them (``attack`` "pgd" or "pgd_adaptive"); ``defence`` 
 A re-evaluation of a kept model (orchestrator.evaluate) writes a file of its own, its rows marked by
 ``eval_hash``, so the rows of every evaluation of a model sit side by side and none is replaced.
 
-``study`` is stored in every file as well as in the partition directory name, so a file is
-self-describing; `load` always returns the directory's study name (the partition is authoritative).
+``study`` is stored in every file as well as in the folder name, so a file is self-describing;
+`load` always returns the folder's study name.
 
 Each trial's file is written atomically (hidden temporary name in the same directory, then a move
 over the final name), so re-running a trial replaces its file instead of duplicating rows and an
@@ -109,7 +117,7 @@ KEY_COLUMNS: tuple[str, ...] = (
     "config_hash", "norm", "eps_test", "corruption", "severity", "ood_set", "score", "measure",
     "radius", "attack", "defence", "eval_hash",
 )
-PARTITION_KEY = "study"
+OLD_PARTITION_KEY = "study"  # the hive folder `results/study=NAME/` of earlier versions (read, migrated)
 PARQUET_COMPRESSION = "zstd"  # the study file and its copy logged to MLflow
 
 assert set(KEY_COLUMNS) <= set(COLUMNS)
@@ -156,12 +164,21 @@ def _is_uri(storage: str) -> bool:
     return "://" in storage
 
 
+def results_dir(storage: str) -> str:
+    """`{storage}/results`: every study's folder, and nothing else (readers take every file in it)."""
+    return f"{str(storage).rstrip('/') or '/'}/results"
+
+
 def study_dir(storage: str, study: str) -> str:
-    """`{storage}/results/study={study}`; storage is a local path or a pyarrow.fs URI."""
+    """`{storage}/results/{study}`; storage is a local path or a pyarrow.fs URI."""
     _check_name("study name", study)
-    storage = str(storage)
-    base = storage.rstrip("/") or "/"
-    return f"{base}/results/{PARTITION_KEY}={study}"
+    return f"{results_dir(storage)}/{study}"
+
+
+def old_study_dir(storage: str, study: str) -> str:
+    """Where earlier versions wrote the study: `{storage}/results/study={study}`."""
+    _check_name("study name", study)
+    return f"{results_dir(storage)}/{OLD_PARTITION_KEY}={study}"
 
 
 def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -191,13 +208,24 @@ def _visible_parquet(info: pafs.FileInfo) -> bool:
     )
 
 
-def _list_files(storage: str, study: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
-    fs, path = _resolve(study_dir(storage, study))
+def _list_dir(storage: str, study: str, directory: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    fs, path = _resolve(directory)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     except Exception as exc:
         raise ResultsError(f"cannot list results of study '{study}' in {storage}: {_one_line(exc)}") from None
     return fs, sorted((i for i in infos if _visible_parquet(i)), key=lambda i: i.base_name)
+
+
+def _list_files(storage: str, study: str) -> tuple[pafs.FileSystem, list[tuple[pafs.FileInfo, str]]]:
+    """The study's result files as (info, the path shown in messages), in hash order: the current
+    layout's, and an earlier layout's for the hashes the current one lacks."""
+    fs, infos = _list_dir(storage, study, study_dir(storage, study))
+    found = {i.base_name: (i, f"{study_dir(storage, study)}/{i.base_name}") for i in infos}
+    _, old = _list_dir(storage, study, old_study_dir(storage, study))
+    for i in old:
+        found.setdefault(i.base_name, (i, f"{old_study_dir(storage, study)}/{i.base_name}"))
+    return fs, [found[name] for name in sorted(found)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +375,11 @@ def write_encoded(storage: str, study: str, config_hash: str, data: bytes, eval_
         except Exception:
             pass
         raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
+    if eval_hash is None:  # the same trial's own file in the earlier layout is replaced by this one
+        _, old_dir = _resolve(old_study_dir(storage, study))
+        old = f"{old_dir}/{config_hash}.parquet"
+        if fs.get_file_info(old).type == pafs.FileType.File:
+            fs.delete_file(old)
     return final_uri
 
 
@@ -377,6 +410,45 @@ def evaluation_rows(df: pd.DataFrame, eval_hash: str | None) -> pd.DataFrame:
 def evaluation_exists(storage: str, study: str, config_hash: str, eval_hash: str) -> bool:
     fs, dir_path = _resolve(study_dir(storage, study))
     return fs.get_file_info(f"{dir_path}/{file_name(config_hash, eval_hash)}").type == pafs.FileType.File
+
+
+def migrate(storage: str) -> list[str]:
+    """Move every study folder of the earlier layout (`results/study=NAME/`) to `results/NAME/`;
+    return the studies moved. Each file is rewritten with today's SCHEMA (columns added since it was
+    written, empty), so a plain reader's schema taken from any file fits them all; written under a
+    hidden name and moved, so a reader never sees half a file. A file the current layout already has
+    is dropped from the old folder (the current one is newer); an unreadable one stays where it is
+    (`load` names it); the old folder is removed once empty."""
+    fs, root = _resolve(results_dir(storage))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
+    except Exception as exc:
+        raise ResultsError(f"cannot list {results_dir(storage)}: {_one_line(exc)}") from None
+    moved = []
+    prefix = f"{OLD_PARTITION_KEY}="
+    for info in infos:
+        study = info.base_name[len(prefix):]
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith(prefix) \
+                or not _NAME_RE.match(study):
+            continue
+        _, files = _list_dir(storage, study, old_study_dir(storage, study))
+        for f in files:
+            config_hash = f.base_name[: -len(".parquet")]
+            _, new_dir = _resolve(study_dir(storage, study))
+            if fs.get_file_info(f"{new_dir}/{f.base_name}").type != pafs.FileType.File:
+                try:
+                    table = _read_file(fs, f.path, f.path, study)
+                except ResultsError:
+                    continue
+                sink = pa.BufferOutputStream()
+                pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
+                write_encoded(storage, study, config_hash, sink.getvalue().to_pybytes())
+            else:
+                fs.delete_file(f.path)
+        if not fs.get_file_info(pafs.FileSelector(info.path, allow_not_found=True)):
+            fs.delete_dir(info.path)
+        moved.append(study)
+    return moved
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,8 +499,9 @@ def load(study: str, storage: str = "runs") -> pd.DataFrame:
     """Every result row of a study as a DataFrame (empty, with the schema's columns, if none)."""
     fs, infos = _list_files(storage, study)
     directory = study_dir(storage, study)
-    def read(info: pafs.FileInfo) -> pa.Table:
-        return _read_file(fs, info.path, f"{directory}/{info.base_name}", study)
+
+    def read(item: tuple[pafs.FileInfo, str]) -> pa.Table:
+        return _read_file(fs, item[0].path, item[1], study)
 
     if len(infos) > 8:  # many small files on an object store: read a few at a time
         from concurrent.futures import ThreadPoolExecutor
@@ -455,15 +528,64 @@ def completed_hashes(storage: str, study: str) -> set[str]:
     """Config hashes that have a result file of their own training (lists file names only, reads
     nothing; re-evaluation files are not counted)."""
     _, infos = _list_files(storage, study)
-    return {i.base_name[: -len(".parquet")] for i in infos if EVAL_MARK not in i.base_name}
+    return {i.base_name[: -len(".parquet")] for i, _ in infos if EVAL_MARK not in i.base_name}
 
 
 def trial_table(storage: str, study: str, config_hash: str) -> pd.DataFrame:
     """One trial's rows (empty DataFrame with the schema's columns if it has no result file)."""
     _check_name("config hash", config_hash)
-    directory = study_dir(storage, study)
-    fs, dir_path = _resolve(directory)
-    path = f"{dir_path}/{config_hash}.parquet"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return empty_frame()
-    return _to_pandas(_read_file(fs, path, f"{directory}/{config_hash}.parquet", study))
+    for directory in (study_dir(storage, study), old_study_dir(storage, study)):
+        fs, dir_path = _resolve(directory)
+        path = f"{dir_path}/{config_hash}.parquet"
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            return _to_pandas(_read_file(fs, path, f"{directory}/{config_hash}.parquet", study))
+    return empty_frame()
+
+
+# --------------------------------------------------------------------------------------------
+# The grid of the last invocation: what the report's "missing cells" compare against
+# --------------------------------------------------------------------------------------------
+def grid_path(storage: str, study: str) -> str:
+    """`{storage}/grids/{study}.json`: beside `results/`, not in it, so that readers of the results
+    folder see Parquet files only."""
+    _check_name("study name", study)
+    return f"{str(storage).rstrip('/') or '/'}/grids/{study}.json"
+
+
+def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict[str, dict] | None) -> str:
+    """Record an invocation's grid (`cells`: config hash -> resolved config; None for a search) and
+    its study file's text, atomically, so `python -m orchestrator.report` rebuilds the report of the
+    study as it ended, missing cells included. Returns the path."""
+    import json
+
+    uri = grid_path(storage, study)
+    fs, path = _resolve(uri)
+    folder = path.rsplit("/", 1)[0]
+    tmp = f"{folder}/.{study}.{uuid.uuid4().hex}.tmp"
+    data = json.dumps({"study": study, "scale": scale, "spec_text": spec_text, "cells": cells},
+                      sort_keys=True, default=str).encode()
+    try:
+        fs.create_dir(folder, recursive=True)
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    except Exception as exc:
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise ResultsError(f"cannot write {uri}: {_one_line(exc)}") from None
+    return uri
+
+
+def read_grid(storage: str, study: str) -> dict | None:
+    """The grid `write_grid` recorded for the study, or None (none recorded, or unreadable)."""
+    import json
+
+    fs, path = _resolve(grid_path(storage, study))
+    try:
+        with fs.open_input_stream(path) as stream:
+            grid = json.loads(stream.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return grid if isinstance(grid, dict) else None

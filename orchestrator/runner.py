@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import uuid
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
@@ -45,6 +46,8 @@ class StudyOutcome:
     parent_run_id: str | None = None
     pretrainings: int = 0  # SSL pre-trainings trained by this invocation's trials
     trial_metrics: list[dict] = field(default_factory=list)  # each finished trial's last report
+    missing: list[str] = field(default_factory=list)  # cells of the grid still without a result
+    nan_objectives: list[str] = field(default_factory=list)  # search trials Optuna was told failed
 
 
 # ----------------------------------------------------------------------------- planning
@@ -150,6 +153,82 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach a Ray cluster at --address {address} ({reason}); start one with "
                         f"`ray start --head` or `ray up cluster.yaml` (`ray status` on the head node prints "
                         f"its address), or drop --address to run on this machine") from None
+
+
+def check_storage(storage: str) -> None:
+    """--storage must be creatable and writable: a probe file under a temporary name is written and
+    removed again, and so is every folder made for it, so a refusal, and a success, leave nothing."""
+    how = "pass a --storage you can write (a folder path, or a URI such as s3://bucket/prefix)"
+    try:
+        fs, path = storage_mod.filesystem_and_path(storage)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad URI
+        raise UserError(f"--storage {storage}: not a usable location ({_first_line(err)}); {how}") from None
+    probe_name = f".sslrobust-probe-{uuid.uuid4().hex}"
+    if not isinstance(fs, pafs.LocalFileSystem):
+        try:
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{probe_name}") as stream:
+                stream.write(b"probe")
+            fs.delete_file(f"{path}/{probe_name}")
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"--storage {storage}: cannot write there ({_first_line(err)}); {how}") from None
+        return
+    made: list[str] = []
+    try:
+        existing = path
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UserError(f"--storage {storage}: {existing} is a file, not a folder; {how}")
+        for folder in _folders_below(existing, path):
+            os.mkdir(folder)
+            made.append(folder)
+        probe = os.path.join(path, probe_name)
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"--storage {storage}: cannot create or write {err.filename or path} "
+                        f"({err.strerror or type(err).__name__}); {how}") from None
+    finally:
+        for folder in reversed(made):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+
+def _folders_below(existing: str, path: str) -> list[str]:
+    """The folders from just below `existing` down to `path`, outermost first."""
+    out = []
+    while path != existing:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out[::-1]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def check_resume_grid(spec: StudySpec, pending: list[Trial], restore_path: str | None) -> None:
+    """A restored Tune run runs the cells it was started with; refuse --resume when the grid has
+    cells since added (they would be left out), before anything starts."""
+    if restore_path is None or spec.search is not None:
+        return
+    started = _read_invocation(restore_path).get("cells")
+    if started is None:  # an invocation of an earlier version: the end-of-run summary lists what is left
+        return
+    added = [t for t in pending if t.config_hash not in set(started)]
+    if not added:
+        return
+    varying = spec.varying()
+    shown = "; ".join(", ".join(f"{k}={t.factors[k]}" for k in varying) or t.config_hash for t in added[:3])
+    more = f" and {len(added) - 3} more" if len(added) > 3 else ""
+    raise UserError(f"--resume: the grid of {spec.name} has {len(added)} cell(s) that the interrupted run "
+                    f"{restore_path} did not start ({shown}{more}); run without --resume to run every cell "
+                    f"without a result (finished trials are kept), or resume with the grid it was started with")
 
 
 def check_local_gpus(resources: dict) -> None:
@@ -267,7 +346,7 @@ def _restore_path(spec: StudySpec, options: RunOptions, storage: str, out) -> st
 def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutcome:
     # Per-epoch checkpoints of short trials are expected here, not a bottleneck worth a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from .summary import finish_study
+    from .summary import finish_study, record_grid
 
     storage = storage_mod.normalize(options.storage)
     resources = dict(spec.resources)
@@ -287,6 +366,9 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
 
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(tracking_uri)
+    check_storage(storage)
+    restore_path = _restore_path(spec, options, storage, out)
+    check_resume_grid(spec, pending, restore_path)
     if spec.search is None and not pending and not options.resume:
         print(f"every one of the {len(trials)} trials of {spec.name} has results; nothing to run "
               f"(add values to a factor or seeds to run more)", file=out)
@@ -306,8 +388,8 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
 
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
+    results.migrate(storage)  # an earlier version's results/study=NAME/ folders, for every reader
 
-    restore_path = _restore_path(spec, options, storage, out)
     provenance = tracking.provenance_tags()
     # The service imports MLflow and creates the experiment and the parent run (or reopens it:
     # --resume) while this process imports Ray Tune and starts the trials, so it starts first;
@@ -335,9 +417,11 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                                     {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     name = os.path.basename(restore_path) if restore_path else f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S-%f}"
     invocation_dir = storage_mod.join(storage, "tune", name)
-    invocation = {"study": spec.name, "scale": spec.scale}
+    # `cells`: what a --resume of this invocation runs (check_resume_grid)
+    invocation = {"study": spec.name, "scale": spec.scale, "cells": [t.config_hash for t in pending]}
 
     def setup_done(setup: dict) -> None:
+        record_grid(spec, trials, storage)  # a rebuilt report lists the missing cells even if the driver dies
         if not restore_path:  # what --resume reads to reopen this invocation's parent run
             _write_invocation(invocation_dir, {**invocation, "parent_run_id": setup["parent_run_id"]})
         if setup["stale"]:
@@ -411,6 +495,14 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                     continue
                 outcome.ran += 1
                 outcome.trial_metrics.append(dict(result.metrics or {}))
+                if spec.search is not None:
+                    undefined = [o for o in spec.search.objectives
+                                 if not isinstance((result.metrics or {}).get(o), (int, float))
+                                 or result.metrics[o] != result.metrics[o]]
+                    if undefined:  # told to Optuna as failed (MultiObjectiveOptunaSearch)
+                        outcome.nan_objectives.append(
+                            f"{result.metrics.get('config_hash')}: objective {', '.join(undefined)} is NaN; "
+                            f"recorded as a failed trial of the search")
                 outcome.pretrainings += int((result.metrics or {}).get("pretrained_here", 0))
                 error = (result.metrics or {}).get("tracking_error")
                 if error:

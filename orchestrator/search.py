@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING
 
 import optuna
@@ -20,6 +21,17 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
     Ray 2.60 hands a list of rewards to `optuna.trial.create_trial(value=...)`, which accepts one
     number only; several objectives go to `values=`.
     """
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        """A trial whose objectives are missing or NaN is told to Optuna as FAIL (Optuna refuses NaN
+        values, and Ray would only log its complaint): the sampler learns nothing from it."""
+        values = [(result or {}).get(m) for m in self.metric] if isinstance(self.metric, list) else None
+        if values and not error and result and any(v is None or not math.isfinite(v) for v in values) \
+                and trial_id not in self._completed_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], None, state=optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
     def add_evaluated_point(self, parameters, value, error=False, pruned=False, intermediate_values=None):
         if not isinstance(value, (list, tuple)):
@@ -58,8 +70,11 @@ def search_setup(spec: StudySpec, context, storage: str, max_concurrent: int | N
         for r in records:
             r["corruption"] = None if r["corruption"] is None or r["corruption"] != r["corruption"] else r["corruption"]
         summary = summary_metrics(config, records)
+        reward = [summary[o] for o in spec.search.objectives]
+        if not all(math.isfinite(r) for r in reward):
+            continue  # an objective it does not define (e.g. no ε_test >= ε_train): nothing to learn
         points.append(point)
-        rewards.append([summary[o] for o in spec.search.objectives])
+        rewards.append(reward)
     searcher = MultiObjectiveOptunaSearch(
         metric=list(spec.search.objectives), mode=["max"] * len(spec.search.objectives),
         points_to_evaluate=points or None, evaluated_rewards=rewards or None,

@@ -238,6 +238,12 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if raw is None:
+        raise UserError(f"{path}: the study file is empty; give at least a grid, e.g. `factors: {{ssl_weight: "
+                        f"[0.0, 0.5]}}` and `seeds: [0]` (studies/smoke.yaml is a small example)")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a study file is a mapping of fields ({', '.join(TOP_LEVEL_FIELDS)}), but this "
+                        f"one is a {type(raw).__name__}; write `field: value` lines (studies/smoke.yaml is an example)")
     raw = _check_fields(raw, TOP_LEVEL_FIELDS, str(path))
     scales = _check_fields(raw.get("scales"), SCALES, f"{path} scales")
     for scale_name, body in scales.items():
@@ -255,6 +261,11 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
     factors = _validated_factors(merged.get("factors"), where)
     fixed = _validated_fixed(merged.get("fixed"), where)
     seeds = _validated_seeds(merged.get("seeds", [0]), where)
+    has_grid = any(k in merged for k in ("factors", "seeds", "search")) or \
+        any(item.split("=", 1)[0].strip() == "seeds" for item in overrides or [])
+    if not has_grid:
+        raise UserError(f"{where}: the study has no grid; give factors (e.g. `factors: {{ssl_weight: [0.0, 0.5]}}`), "
+                        f"seeds (e.g. `seeds: [0, 1, 2]`) or a search")
     for key, text_value in _parse_overrides(overrides or []):
         if key == "seeds":
             value = parse_cli_value(key, text_value)
@@ -289,7 +300,29 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
         raise UserError(str(err)) from None
     if spec.search is None and not trials:
         raise UserError(f"{where}: the grid is empty; give factors or seeds")
+    if spec.search is not None:
+        _check_objectives_defined(spec.search, resolve(spec.fixed, where=where), where)
     return spec
+
+
+def _check_objectives_defined(search: SearchSpec, config: dict, where: str) -> None:
+    """Every objective must be a number for every trial the search can sample: robust accuracy at
+    ε_test >= ε_train needs an evaluation in the training norm at such an ε_test (the highest
+    ε_train the space allows, when ε_train is searched)."""
+    if "robust_acc_above_eps_train" not in search.objectives:
+        return
+    norm = config["norm_train"]
+    fix = "or drop robust_acc_above_eps_train from search.objectives"
+    if norm not in config["eval_norms"]:
+        raise UserError(f"{where} search: objective robust_acc_above_eps_train needs the trials evaluated in "
+                        f"the training norm {norm}, but eval_norms is {config['eval_norms']}; add {norm} to "
+                        f"eval_norms, {fix}")
+    eps_train = float(search.space["eps_train"]["high"]) if "eps_train" in search.space else config["eps_train"]
+    grid = config[f"eval_eps_{norm}"]
+    if not grid or max(grid) < eps_train - 1e-12:
+        raise UserError(f"{where} search: objective robust_acc_above_eps_train is undefined: no ε_test in "
+                        f"eval_eps_{norm} {grid} is >= ε_train {eps_train:g}; add one, e.g. "
+                        f"--set 'eval_eps_{norm}={sorted(set(grid) | {eps_train})}', {fix}")
 
 
 def _parse_overrides(items: list[str]) -> list[tuple[str, str]]:

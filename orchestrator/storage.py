@@ -1,8 +1,8 @@
 """Study storage: a local path or a URI (s3://, gs://, file://) reached through `pyarrow.fs`.
 
-Layout under the storage root: `results/study=NAME/` (Parquet), `models/study=NAME/` (each
-trial's final weights, orchestrator.models_store), `pretrained/` (SSL backbones),
-`tune/` (Ray Tune experiments and checkpoints), `reports/NAME/`.
+Layout under the storage root: `results/NAME/` (Parquet), `grids/NAME.json` (the last invocation's
+grid), `models/NAME/` (each trial's evaluated weights, orchestrator.models_store), `pretrained/`
+(SSL backbones), `tune/` (Ray Tune experiments and checkpoints), `reports/NAME/`.
 """
 from __future__ import annotations
 

@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
             max_concurrent=args.max_concurrent, resume=args.resume, dry_run=args.dry_run,
             data_dir=args.data_dir, resources=resources,
-        ))
-        return 1 if outcome.failed else 0
+        ), out=sys.stdout)  # the stdout of now, not of import time (Tune pickles the stopper that prints)
+        return 1 if outcome.failed or outcome.missing else 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -105,11 +105,19 @@ def ood_auroc_table(spec, table) -> str | None:
     return render_columns(lines)
 
 
+def record_grid(spec, trials, storage) -> None:
+    """The invocation's grid beside the results (`results.write_grid`): `python -m orchestrator.report`
+    rebuilds the report this invocation ends with, missing cells included."""
+    results.write_grid(storage, spec.name, spec.scale, spec.text,
+                       {t.config_hash: t.config for t in trials} if spec.search is None else None)
+
+
 def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, log_report=None) -> str | None:
     """Write the report, log it with ``log_report(paths, artifact_path)`` (returns an error line or
     None; None: not logged), print the robustness tables and where everything is."""
     from .report import build_report
 
+    record_grid(spec, trials, storage)
     table = results.load(spec.name, storage)
     report_path = None
     try:
@@ -142,6 +150,18 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
           f"failed: {len(outcome.failed)}", file=out)
     for failure in outcome.failed:
         print(f"  failed: {failure}", file=out)
+    for line in getattr(outcome, "nan_objectives", []):
+        print(f"  {line}", file=out)
+    present = set(table["config_hash"]) if len(table) else set()
+    missing = [t for t in trials if t.config_hash not in present]
+    outcome.missing = [t.config_hash for t in missing]
+    if missing:
+        varying = spec.varying()
+        print(f"cells of the grid without a result: {len(missing)} of {len(trials)} (run the study again, "
+              f"without --resume, to run them):", file=out)
+        for t in missing:
+            values = ", ".join(f"{k}={t.factors[k]}" for k in varying) or "(single cell)"
+            print(f"  {t.config_hash}  {values}", file=out)
     if outcome.tracking_errors:
         trials_lost = sum(not e.startswith("parent run ") for e in outcome.tracking_errors)  # see runner
         parent_lost = " and the study's parent run" if trials_lost < len(outcome.tracking_errors) else ""

@@ -29,6 +29,8 @@ BASE = {
               "eval_eps_linf": [0.0, 0.1]},
     "resources": {"cpu": 1, "gpu": 0},
 }
+SEARCH = {"space": {"ssl_weight": {"low": 0.0, "high": 2.0}}, "objectives": ["clean_acc", "robust_acc_above_eps_train"],
+          "num_samples": 2, "max_concurrent": 1}
 SCRUBBED_ENV = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SSLROBUST_STORAGE", "SSLROBUST_DATA_DIR", "RAY_TMPDIR")
 
 
@@ -156,7 +158,7 @@ CASES = [
      ["--resources: unknown resource 'tpu'"]),
     ("gpu-without-gpu", {}, ["base", "--resources", "cpu=1,gpu=1"],
      ["asks for gpu: 1 per trial but this machine has no CUDA GPU", "--resources cpu=1,gpu=0"]),
-    ("gpu-in-study-without-gpu", {"gpu": "resources: {cpu: 1, gpu: 0.5}"}, ["gpu"],
+    ("gpu-in-study-without-gpu", {"gpu": "seeds: [0]\nresources: {cpu: 1, gpu: 0.5}"}, ["gpu"],
      ["asks for gpu: 0.5 per trial but this machine has no CUDA GPU", "--resources cpu=1,gpu=0"]),
     ("unreachable-address", {}, ["base", "--address", "127.0.0.1:{port}"],
      ["cannot reach a Ray cluster at --address 127.0.0.1:{port} (connection refused)", "ray start --head",
@@ -178,6 +180,26 @@ CASES = [
      ["unrecognized arguments: --epochs 3", "--help"]),
     ("no-study", {}, [],
      ["name a study", "--list"]),
+    ("empty-study-file", {"blank": ""}, ["blank"],
+     ["blank.yaml: the study file is empty", "give at least a grid", "factors: {{ssl_weight: [0.0, 0.5]}}"]),
+    ("study-file-not-a-mapping", {"listy": "- ssl_weight\n- 0.5"}, ["listy"],
+     ["listy.yaml: a study file is a mapping of fields", "this one is a list", "`field: value` lines"]),
+    ("study-without-grid", {"nogrid": "description: settings only\nfixed: {epochs: 1}"}, ["nogrid"],
+     ["nogrid.yaml (default scale): the study has no grid", "give factors", "seeds", "or a search"]),
+    ("storage-cannot-be-created", {}, ["base", "--storage", "/proc/sslrobust-{port}/runs"],
+     ["--storage /proc/sslrobust-{port}/runs: cannot create or write /proc/sslrobust-{port}",
+      "pass a --storage you can write"]),
+    ("storage-under-a-file", {}, ["base", "--storage", "{tmp}/studies/base.yaml/runs"],
+     ["--storage {tmp}/studies/base.yaml/runs: {tmp}/studies/base.yaml is a file, not a folder",
+      "pass a --storage you can write"]),
+    ("search-objective-undefined", {"search": json.dumps({**BASE, "factors": {}, "search": SEARCH})},
+     ["search", "--set", "eval_eps_linf=[0.0, 0.05]"],
+     ["search.yaml (default scale) search: objective robust_acc_above_eps_train is undefined",
+      "no ε_test in eval_eps_linf [0.0, 0.05] is >= ε_train 0.1", "--set 'eval_eps_linf=[0.0, 0.05, 0.1]'"]),
+    ("search-objective-not-measured", {"search": json.dumps({**BASE, "factors": {}, "search": SEARCH})},
+     ["search", "--set", "norm_train=l2"],
+     ["search: objective robust_acc_above_eps_train needs the trials evaluated in the training norm l2",
+      "add l2 to eval_norms"]),
 ]
 
 
@@ -197,6 +219,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(place, files, args, expe
     for text in expected:
         assert fill(text) in line, line
     assert list(place.cwd.iterdir()) == []  # no runs/, no mlflow.db, no mlartifacts/
+    assert sorted(p.name for p in place.tmp.iterdir()) == ["cwd", "studies"]  # nor --storage elsewhere
 
 
 # `python -m orchestrator.evaluate` (re-evaluation of kept models): (id, arguments, what the line must say)
@@ -211,7 +234,7 @@ EVALUATE_CASES = [
     ("bad-value", ["base", "--set", "eval_attack_steps=0"], ["--set eval_attack_steps: 'eval_attack_steps' must be > 0, got 0"]),
     ("unknown-study", ["bsae", "--set", "eval_attack_steps=50"], ["unknown study 'bsae' (did you mean base?)"]),
     ("no-kept-models", ["base", "--set", "eval_attack_steps=50"],
-     ["study 'base' (default scale) has no kept models in {cwd}/runs/models/study=base",
+     ["study 'base' (default scale) has no kept models in {cwd}/runs/models/base",
       "run it first (python -m orchestrator.study base --scale default) or pass the study's --storage"]),
 ]
 
@@ -271,14 +294,14 @@ def test_corrupt_results_file_is_named_and_never_used(place, monkeypatch):
 
     monkeypatch.setenv("SSLROBUST_STUDIES_DIR", str(place.studies))
     chash = load_study("base").trials()[0].config_hash
-    folder = place.cwd / "runs" / "results" / "study=base"
+    folder = place.cwd / "runs" / "results" / "base"
     folder.mkdir(parents=True)
     (folder / f"{chash}.parquet").write_bytes(b"PAR1 this is not a parquet file")
     before = tree(place.cwd)
     for args, module in ((["base"], "orchestrator.study"), (["base", "--dry-run"], "orchestrator.study"),
                          (["base"], "orchestrator.report")):
         line = one_clear_line(place.run(*args, module=module))
-        assert f"results file runs/results/study=base/{chash}.parquet is corrupt" in line or \
+        assert f"results file runs/results/base/{chash}.parquet is corrupt" in line or \
             f"{folder}/{chash}.parquet is corrupt" in line, line
         assert "delete it and re-run the study" in line
         assert tree(place.cwd) == before  # no mlflow.db, no report, the file left as it was

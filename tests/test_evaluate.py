@@ -50,7 +50,7 @@ def test_kept_model_round_trip_is_atomic_and_refuses_code(tmp_path):
             p.add_(torch.randn_like(p))
     files = models_store.save_model(storage, "s", "0123456789abcdef", cfg, models_store.encode_weights(model.state_dict()))
     assert set(files) == {"0123456789abcdef.pt", "0123456789abcdef.json"}
-    folder = Path(storage) / "models" / "study=s"
+    folder = Path(storage) / "models" / "s"
     assert sorted(p.name for p in folder.iterdir()) == sorted(files)  # no temporary file left
     assert (folder / "0123456789abcdef.pt").read_bytes() == files["0123456789abcdef.pt"]
 
@@ -129,7 +129,7 @@ def test_smoke_study_reevaluated_keeps_both_sets_and_its_history(ray_cluster, wo
     outcome = run_study(spec, options, out=io.StringIO())
     assert outcome.ran == 2 and not outcome.failed
     storage, uri = options.storage, options.tracking_uri
-    study_dir = Path(storage) / "results" / "study=smoke"
+    study_dir = Path(storage) / "results" / "smoke"
     before_files = {p.name: p.read_bytes() for p in study_dir.iterdir()}
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("smoke")

@@ -216,7 +216,7 @@ class Workspace:
         return sorted(self.storage.glob(f"tune/{study}-*/*/{pattern}"))
 
     def result_files(self, study: str) -> dict[str, Path]:
-        return {p.stem: p for p in (self.storage / "results" / f"study={study}").glob("*.parquet")}
+        return {p.stem: p for p in (self.storage / "results" / study).glob("*.parquet")}
 
 
 @pytest.fixture
@@ -384,6 +384,18 @@ def test_sigkill_of_the_driver_then_resume_or_plain_rerun_finishes_the_rest(ws, 
                    if (h := _checkpoint_hash(d)) and h not in done_before}
     _, runs = mlflow_runs(ws.tracking_uri, "dkill")
     assert any(r.info.status == "RUNNING" and r.data.tags.get("sslrobust.role") == "parent" for r in runs)
+
+    # --resume with a grid that has a cell the interrupted run never started (λ = 2): refused before
+    # anything starts, one line, nothing changed (Tune would restore the old grid and leave it out).
+    files_before = {p: p.stat().st_mtime_ns for p in [*ws.storage.rglob("*"), ws.root / "mlflow.db"] if p.is_file()}
+    rc, out, err = ws.run("dkill", "--max-concurrent", "1", "--resume", "--set", "ssl_weight=[0.0, 0.5, 1.0, 2.0]",
+                          log="changed")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out + err, ws.tail("changed")
+    assert lines[0].startswith("error: --resume: the grid of dkill has 1 cell(s) that the interrupted run "), lines
+    assert "(ssl_weight=2.0)" in lines[0] and "run without --resume" in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in [*ws.storage.rglob("*"), ws.root / "mlflow.db"]
+            if p.is_file()} == files_before
 
     # The same interrupted state twice: --resume here, a plain re-run in a copy.
     rerun = Workspace(tmp_path / "rerun")
@@ -622,7 +634,7 @@ def _write_in_subprocess(storage: Path, chash: str, rows: int, size: int, kill: 
         return None
     try:
         assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
-        folder = storage / "results" / "study=pq"
+        folder = storage / "results" / "pq"
 
         def partial():
             found = [p for p in folder.glob(f".{chash}.*") if p.stat().st_size > 0] if folder.is_dir() else []
@@ -644,14 +656,14 @@ def test_parquet_write_killed_half_way_leaves_no_partial_file_visible(tmp_path):
     kept, new = "a" * 16, "b" * 16
     _write_in_subprocess(storage, kept, rows=2, size=1000, kill=False)
     before = results.load("pq", str(storage))
-    kept_file = storage / "results" / "study=pq" / f"{kept}.parquet"
+    kept_file = storage / "results" / "pq" / f"{kept}.parquet"
     kept_bytes = kept_file.read_bytes()
 
     # A new trial's file, and a re-write of an existing one (a retry), each killed mid-write.
     for chash in (new, kept):
         partial = _write_in_subprocess(storage, chash, rows=20, size=6_000_000, kill=True)
         assert partial.exists() and partial.name.startswith(".")  # half-written, hidden
-        assert not (storage / "results" / "study=pq" / f"{new}.parquet").exists()
+        assert not (storage / "results" / "pq" / f"{new}.parquet").exists()
         assert kept_file.read_bytes() == kept_bytes  # the complete earlier version is untouched
         assert results.completed_hashes(str(storage), "pq") == {kept}
         after = results.load("pq", str(storage))

@@ -186,7 +186,7 @@ def test_files_written_before_the_new_columns_still_load(tmp_path):
     import pyarrow.parquet as pq
 
     results.write_trial(str(tmp_path), "s", "h0", _rows(ood_sets=()))
-    path = f"{tmp_path}/results/study=s/h0.parquet"
+    path = f"{tmp_path}/results/s/h0.parquet"
     old = pq.read_table(path).drop_columns(["label_noise", "ood_set", "score", "measure", "value"])
     pq.write_table(old, path)
     df = results.load("s", str(tmp_path))

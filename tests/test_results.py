@@ -54,8 +54,8 @@ def test_schema_is_single_source():
 
 
 def test_study_dir_local_and_uri(tmp_path):
-    assert results.study_dir(str(tmp_path), "abc") == f"{tmp_path}/results/study=abc"
-    assert results.study_dir("s3://bucket/prefix/", "abc") == "s3://bucket/prefix/results/study=abc"
+    assert results.study_dir(str(tmp_path), "abc") == f"{tmp_path}/results/abc"
+    assert results.study_dir("s3://bucket/prefix/", "abc") == "s3://bucket/prefix/results/abc"
     with pytest.raises(ResultsError, match="invalid study name"):
         results.study_dir(str(tmp_path), "../etc")
 
@@ -63,7 +63,7 @@ def test_study_dir_local_and_uri(tmp_path):
 def test_round_trip_preserves_values_and_types(tmp_path):
     rows = trial_rows()
     path = results.write_trial(str(tmp_path), "s1", "h0", rows)
-    assert path == f"{tmp_path}/results/study=s1/h0.parquet"
+    assert path == f"{tmp_path}/results/s1/h0.parquet"
     assert os.path.isfile(path)
     df = results.load("s1", str(tmp_path))
     assert list(df.columns) == list(SCHEMA.names)
@@ -105,13 +105,13 @@ def test_rewrite_replaces_without_duplicates(tmp_path):
     df = results.load("s1", str(tmp_path))
     assert len(df) == 5
     assert (df["clean_acc"] == 0.9).all()
-    files = os.listdir(f"{tmp_path}/results/study=s1")
+    files = os.listdir(f"{tmp_path}/results/s1")
     assert files == ["h0.parquet"]  # no temporary left behind
 
 
 def test_interrupted_write_is_invisible(tmp_path):
     results.write_trial(str(tmp_path), "s1", "h0", trial_rows())
-    d = f"{tmp_path}/results/study=s1"
+    d = f"{tmp_path}/results/s1"
     # a write of trial h1 interrupted half-way: truncated bytes under a hidden temporary name
     table = results.validate_rows(trial_rows("h1"), "s1", "h1")
     pq.write_table(table, f"{d}/.h1.full.tmp")
@@ -126,7 +126,7 @@ def test_interrupted_write_is_invisible(tmp_path):
 
 def test_corrupt_visible_file_names_the_file(tmp_path):
     results.write_trial(str(tmp_path), "s1", "h0", trial_rows())
-    bad = f"{tmp_path}/results/study=s1/badhash.parquet"
+    bad = f"{tmp_path}/results/s1/badhash.parquet"
     with open(bad, "wb") as f:
         f.write(b"PAR1 this is not parquet")
     with pytest.raises(ResultsError) as err:
@@ -139,7 +139,7 @@ def test_corrupt_visible_file_names_the_file(tmp_path):
 
 def test_duplicate_keys_raise(tmp_path):
     results.write_trial(str(tmp_path), "s1", "h0", trial_rows())
-    d = f"{tmp_path}/results/study=s1"
+    d = f"{tmp_path}/results/s1"
     # the same trial's rows under a second file name (e.g. copied by hand)
     pq.write_table(pq.read_table(f"{d}/h0.parquet"), f"{d}/h0copy.parquet")
     with pytest.raises(ResultsError, match="duplicate"):
@@ -167,7 +167,7 @@ def test_validation_errors_name_the_column(tmp_path):
         results.write_trial(str(tmp_path), "s1", "other", trial_rows())
     with pytest.raises(ResultsError, match="at least one"):
         results.write_trial(str(tmp_path), "s1", "h0", [])
-    assert not os.path.exists(f"{tmp_path}/results/study=s1")  # nothing written on failure
+    assert not os.path.exists(f"{tmp_path}/results/s1")  # nothing written on failure
 
 
 def test_completed_hashes_and_empty_study(tmp_path):
@@ -189,12 +189,12 @@ def test_reevaluation_rows_sit_beside_the_trials_own(tmp_path):
     the trial counts as done once, and each evaluation is selected on its own."""
     storage = str(tmp_path)
     results.write_trial(storage, "s1", "h0", trial_rows())
-    own_bytes = (tmp_path / "results" / "study=s1" / "h0.parquet").read_bytes()
+    own_bytes = (tmp_path / "results" / "s1" / "h0.parquet").read_bytes()
     again = trial_rows(eval_hash="e1", robust_acc=0.1)
     path = results.write_encoded(storage, "s1", "h0", results.encode_trial("s1", "h0", again, eval_hash="e1"),
                                  eval_hash="e1")
     assert path.endswith("/h0.eval-e1.parquet")
-    assert (tmp_path / "results" / "study=s1" / "h0.parquet").read_bytes() == own_bytes
+    assert (tmp_path / "results" / "s1" / "h0.parquet").read_bytes() == own_bytes
     table = results.load("s1", storage)  # the duplicate-key check passes: eval_hash tells them apart
     assert len(table) == 10 and not table.duplicated(list(KEY_COLUMNS)).any()
     assert len(results.own_evaluation(table)) == 5 and results.own_evaluation(table)["eval_hash"].isna().all()
@@ -206,3 +206,82 @@ def test_reevaluation_rows_sit_beside_the_trials_own(tmp_path):
         results.encode_trial("s1", "h0", again, eval_hash="e2")
     with pytest.raises(ResultsError, match="eval_hash"):
         results.encode_trial("s1", "h0", again)
+
+
+# ---- every reader opens the results folder (studies named like numbers too) -----------------------
+READER_STUDIES = {"2024": ("aa", "bb"), "s1": ("cc",)}
+
+
+def _two_studies(storage) -> None:
+    for study, hashes in READER_STUDIES.items():
+        for h in hashes:
+            results.write_trial(str(storage), study, h, trial_rows(h, study=study))
+
+
+def _check_reader_table(df: pd.DataFrame) -> None:
+    """Every study's rows, `study` as text (never the number a folder name looks like)."""
+    assert len(df) == 5 * 3 and set(df.columns) == set(SCHEMA.names)
+    assert sorted(df.groupby("study")["config_hash"].nunique().items()) == [("2024", 2), ("s1", 1)]
+    assert all(isinstance(v, str) for v in df["study"])
+    assert pd.api.types.is_float_dtype(df["robust_acc"]) and pd.api.types.is_float_dtype(df["eps_test"])
+    assert pd.api.types.is_integer_dtype(df["seed"]) and pd.api.types.is_integer_dtype(df["n_examples"])
+    assert pd.api.types.is_datetime64_any_dtype(df["finished_at"])
+    assert set(df["config_hash"]) == {"aa", "bb", "cc"}
+
+
+def test_pandas_reads_the_results_folder(tmp_path):
+    _two_studies(tmp_path)
+    _check_reader_table(pd.read_parquet(f"{tmp_path}/results"))
+
+
+def test_pyarrow_hive_dataset_reads_the_results_folder(tmp_path):
+    import pyarrow.dataset as ds
+
+    _two_studies(tmp_path)
+    table = ds.dataset(f"{tmp_path}/results", format="parquet", partitioning="hive").to_table()
+    assert table.schema.field("study").type == pa.string()
+    assert table.schema.field("finished_at").type == SCHEMA.field("finished_at").type
+    _check_reader_table(table.to_pandas())
+
+
+def test_duckdb_reads_the_results_folder(tmp_path):
+    import duckdb  # a test extra (pyproject.toml)
+
+    _two_studies(tmp_path)
+    source = f"read_parquet('{tmp_path}/results/**/*.parquet', hive_partitioning=true)"
+    con = duckdb.connect()
+    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})").fetchall())
+    assert set(types) == set(SCHEMA.names)
+    assert types["study"] == "VARCHAR" and types["robust_acc"] == "DOUBLE" and types["seed"] == "BIGINT"
+    assert types["finished_at"] == "TIMESTAMP WITH TIME ZONE"
+    counts = con.execute(f"SELECT study, count(DISTINCT config_hash), count(*) FROM {source} "
+                         f"GROUP BY study ORDER BY study").fetchall()
+    assert counts == [("2024", 2, 10), ("s1", 1, 5)]
+
+
+def test_the_earlier_hive_layout_still_loads_and_migrates(tmp_path):
+    """`results/study=NAME/HASH.parquet` (written by earlier versions): `load` reads it, a new write of
+    the same trial replaces it, and `migrate` moves the rest to `results/NAME/`, after which the
+    plain readers open the folder."""
+    old = tmp_path / "results" / "study=2024"
+    old.mkdir(parents=True)
+    for h in ("aa", "bb"):
+        table = results.validate_rows(trial_rows(h, study="2024"), "2024", h)
+        if h == "aa":  # written before these nullable columns existed
+            table = table.drop_columns(["label_noise", "defence"])
+        pq.write_table(table, old / f"{h}.parquet")
+    with pytest.raises(pa.ArrowTypeError, match="study"):  # what the earlier layout does to a plain reader
+        pd.read_parquet(f"{tmp_path}/results")
+    results.write_trial(str(tmp_path), "s1", "cc", trial_rows("cc", study="s1"))
+    assert results.completed_hashes(str(tmp_path), "2024") == {"aa", "bb"}
+    df = results.load("2024", str(tmp_path))
+    assert len(df) == 10 and (df["study"] == "2024").all()
+    assert len(results.trial_table(str(tmp_path), "2024", "bb")) == 5
+    results.write_trial(str(tmp_path), "2024", "bb", trial_rows("bb", study="2024", clean_acc=0.5))
+    assert not (old / "bb.parquet").exists()  # the new file replaces the old one: no duplicate rows
+    assert sorted(results.load("2024", str(tmp_path))["clean_acc"].unique()) == [0.5, 0.75]
+    assert results.migrate(str(tmp_path)) == ["2024"]
+    assert not old.exists()
+    assert sorted(p.name for p in (tmp_path / "results" / "2024").iterdir()) == ["aa.parquet", "bb.parquet"]
+    _check_reader_table(pd.read_parquet(f"{tmp_path}/results"))
+    assert results.migrate(str(tmp_path)) == []

@@ -1,6 +1,7 @@
 """The study command end to end: a real local Ray, a real MLflow sqlite store, real Parquet files."""
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import textwrap
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import results
 from orchestrator.runner import RunOptions, run_study
-from orchestrator.spec import load_study
+from orchestrator.spec import SEARCH_OBJECTIVES, load_study
 
 TINY = dict(
     dataset="fashion_mnist", arch="small_cnn", train_subset=192, test_subset=48, epochs=2, batch_size=64,
@@ -235,3 +236,98 @@ def test_checkpoint_selection_evaluates_the_best_robust_validation_epoch(ray_clu
     best = max(by_epoch, key=lambda e: (by_epoch[e], e))
     assert set(table["selected_epoch"]) == {best}
     assert best != 5  # the selected epoch is not the last, and the results say so
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """`python -m orchestrator.study ...` in this process (its Ray is the module's ray_cluster): the
+    exit status and what it printed."""
+    import contextlib
+
+    from orchestrator.study import main
+
+    out = io.StringIO()  # (not capsys's stream: Tune pickles the run's stopper, which prints)
+    with contextlib.redirect_stdout(out):
+        status = main(list(args))
+    return status, out.getvalue()
+
+
+def test_search_skips_nan_objectives_in_its_warm_start_and_continues(ray_cluster, workspace):
+    """A result whose objective is undefined (evaluated at ε 0 only, below ε_train) is no sample for
+    Optuna: the warm start skips it instead of failing; a result that defines both objectives is one,
+    so num_samples 2 with it runs one new trial (a re-run with a higher num_samples continues)."""
+    from orchestrator.spec import config_hash
+    from trainables.config import resolve
+
+    studies, options = workspace
+    search = {"space": {"ssl_weight": {"low": 0.0, "high": 2.0}}, "objectives": list(SEARCH_OBJECTIVES),
+              "num_samples": 2, "max_concurrent": 1}
+    write_study(studies, "nans", None, search=search, epochs=1)
+    spec = load_study("nans")
+
+    def earlier_result(ssl_weight, eps_values):
+        config = resolve({**spec.fixed, "ssl_weight": ssl_weight})
+        chash = config_hash(config)
+        base = {"study": "nans", "trial_id": chash, "config_hash": chash, "seed": 0, "attack": "pgd",
+                "n_examples": 48, "clean_acc": 0.5, "node_id": "n", "finished_at": dt.datetime.now(dt.timezone.utc),
+                "config_json": json.dumps(config, sort_keys=True),
+                **{k: config[k] for k in ("dataset", "arch", "ssl_task", "ssl_weight", "attack_variant", "init",
+                                          "norm_train", "eps_train", "train_attack_steps", "rotations")}}
+        rows = [dict(base, norm="linf", eps_test=e, robust_acc=0.5 - e) for e in eps_values]
+        results.write_trial(options.storage, "nans", chash, rows)
+        return chash
+
+    earlier_result(0.7, [0.0])  # robust_acc_above_eps_train: NaN
+    earlier_result(1.3, [0.0, 0.1])
+    status, text = cli("nans", "--storage", options.storage, "--tracking-uri", options.tracking_uri)
+    assert status == 0, text
+    assert "Optuna search: 1 earlier results as warm start, 1 new trials" in text
+    assert "trials run now: 1, skipped (results existed): 1, failed: 0" in text
+    assert results.load("nans", options.storage)["config_hash"].nunique() == 3
+
+
+def test_nan_objective_is_told_to_optuna_as_a_failed_trial():
+    import optuna
+
+    from orchestrator.search import MultiObjectiveOptunaSearch
+    from ray import tune
+
+    searcher = MultiObjectiveOptunaSearch(space={"ssl_weight": tune.uniform(0.0, 2.0)},
+                                          metric=list(SEARCH_OBJECTIVES), mode=["max", "max"], seed=0)
+    for trial_id, reward in (("a", [0.8, 0.4]), ("b", [0.7, float("nan")]), ("c", [0.6, None])):
+        assert searcher.suggest(trial_id) is not None
+        searcher.on_trial_complete(trial_id, {k: v for k, v in zip(SEARCH_OBJECTIVES, reward) if v is not None})
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.FAIL]
+
+
+def test_cells_without_a_result_are_listed_and_the_rebuilt_report_equals_the_end_of_study_one(
+        ray_cluster, workspace):
+    """One cell fails (its shared SSL pre-training file is corrupt): the summary lists it, the exit
+    status is 1, and `python -m orchestrator.report` rebuilt from storage alone has the same
+    missing-cells section (the whole report, but for when it was generated)."""
+    import re
+
+    from orchestrator.pretrain import pretrained_path
+    from orchestrator.report import main as report_main
+
+    studies, options = workspace
+    write_study(studies, "gap", {"init": ["scratch", "ssl_pretrained"]}, epochs=1)
+    (studies / "gap.yaml").write_text(json.dumps({**json.loads((studies / "gap.yaml").read_text()),
+                                                  "max_failures": 0}))
+    spec = load_study("gap")
+    broken = next(t for t in spec.trials() if t.config["init"] == "ssl_pretrained")
+    corrupt = Path(pretrained_path(options.storage, broken.config))
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"not a checkpoint")
+    status, text = cli("gap", "--storage", options.storage, "--tracking-uri", options.tracking_uri)
+    assert status == 1, text
+    assert f"cells of the grid without a result: 1 of 2" in text
+    assert re.search(rf"^  {broken.config_hash}  init=ssl_pretrained$", text, re.M), text
+    end_of_study = (Path(options.storage) / "reports" / "gap" / "report.html").read_text()
+    assert "1 of 2 expected cells are missing" in end_of_study and broken.config_hash in end_of_study
+    assert not list((Path(options.storage) / "results").rglob("*.json"))  # the grid is beside the results
+
+    assert report_main(["gap", "--storage", options.storage, "--out", str(Path(options.storage) / "rebuilt")]) == 0
+    rebuilt = (Path(options.storage) / "rebuilt" / "report.html").read_text()
+    generated = re.compile(r"<tr><th>generated</th><td[^>]*>[^<]*</td></tr>")
+    assert generated.sub("", rebuilt) == generated.sub("", end_of_study)
