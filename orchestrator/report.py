@@ -1283,6 +1283,7 @@ def build_report(
     table=None,
     evaluation: str | None = None,
     evaluation_note: str | None = None,
+    aliases: dict[str, list[dict]] | None = None,
 ) -> ReportFiles:
     """Rebuild the report of `study` from its Parquet results (`table`: those results already read
     by `results.load`); returns the files written. The report shows one evaluation of the models:
@@ -1301,6 +1302,9 @@ def build_report(
         if grid is not None:
             expected_hashes = grid.get("cells") or None
             spec_text = grid.get("spec_text")
+            aliases = grid.get("aliases") or None
+    # cells of the grid that are the same experiment are shown under each of their names
+    df = results.with_aliases(df, aliases)
     out = Path(out_dir) if out_dir else _default_out_dir(storage, study)
     if evaluation is not None and not out_dir:
         out = out / f"eval-{evaluation}"
@@ -1313,6 +1317,10 @@ def build_report(
 
     data = prepare(df)
     notes = list(data.notes)
+    if aliases:
+        notes.append(f"{sum(len(a) for a in aliases.values())} cell(s) of the grid are the same experiment as another "
+                     "(e.g. λ = 0 under the 'ce' and 'joint' variants, or any variant at ε_train = 0): each was "
+                     "trained once and is shown under every name.")
     if evaluation_note:
         notes.insert(0, evaluation_note)
     if others:

@@ -117,6 +117,12 @@ KEY_COLUMNS: tuple[str, ...] = (
     "config_hash", "norm", "eps_test", "corruption", "severity", "ood_set", "score", "measure",
     "radius", "attack", "defence", "eval_hash",
 )
+# Config keys that are also columns, copied from the trial's config (the rest is in config_json).
+CONFIG_COLUMNS: tuple[str, ...] = tuple(
+    c for c in COLUMNS
+    if c in ("seed", "dataset", "arch", "ssl_task", "ssl_weight", "attack_variant", "init",
+             "norm_train", "eps_train", "train_attack_steps", "rotations", "label_noise")
+)
 OLD_PARTITION_KEY = "study"  # the hive folder `results/study=NAME/` of earlier versions (read, migrated)
 PARQUET_COMPRESSION = "zstd"  # the study file and its copy logged to MLflow
 
@@ -395,6 +401,27 @@ def file_name(config_hash: str, eval_hash: str | None = None) -> str:
 EVAL_MARK = ".eval-"
 
 
+def with_aliases(df: pd.DataFrame, aliases: dict[str, list[dict]] | None) -> pd.DataFrame:
+    """`df` plus, for each config hash with aliases (other cells of the grid that are the same
+    experiment, orchestrator.spec.Trial.aliases: config hash -> their resolved configs), a copy of
+    that trial's rows under each alias's name: the config columns and config_json from the alias,
+    every number and the config hash unchanged. For tables and figures by factor; never written."""
+    import json
+
+    if not aliases or df.empty:
+        return df
+    copies = []
+    for chash, configs in aliases.items():
+        rows = df[df["config_hash"] == chash]
+        for config in configs if len(rows) else ():
+            copy = rows.copy()
+            for column in CONFIG_COLUMNS:
+                copy[column] = config[column]
+            copy["config_json"] = json.dumps(config, sort_keys=True)
+            copies.append(copy)
+    return pd.concat([df, *copies], ignore_index=True) if copies else df
+
+
 def own_evaluation(df: pd.DataFrame) -> pd.DataFrame:
     """The rows each trial wrote right after training (no re-evaluation's rows)."""
     return df[df["eval_hash"].isna()] if len(df) and "eval_hash" in df.columns else df
@@ -552,9 +579,11 @@ def grid_path(storage: str, study: str) -> str:
     return f"{str(storage).rstrip('/') or '/'}/grids/{study}.json"
 
 
-def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict[str, dict] | None) -> str:
-    """Record an invocation's grid (`cells`: config hash -> resolved config; None for a search) and
-    its study file's text, atomically, so `python -m orchestrator.report` rebuilds the report of the
+def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict[str, dict] | None,
+               aliases: dict[str, list[dict]] | None = None) -> str:
+    """Record an invocation's grid (`cells`: config hash -> resolved config; None for a search;
+    `aliases`: config hash -> the configs of other cells that are the same experiment) and its
+    study file's text, atomically, so `python -m orchestrator.report` rebuilds the report of the
     study as it ended, missing cells included. Returns the path."""
     import json
 
@@ -562,7 +591,8 @@ def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict
     fs, path = _resolve(uri)
     folder = path.rsplit("/", 1)[0]
     tmp = f"{folder}/.{study}.{uuid.uuid4().hex}.tmp"
-    data = json.dumps({"study": study, "scale": scale, "spec_text": spec_text, "cells": cells},
+    data = json.dumps({"study": study, "scale": scale, "spec_text": spec_text, "cells": cells,
+                       "aliases": aliases or {}},
                       sort_keys=True, default=str).encode()
     try:
         fs.create_dir(folder, recursive=True)

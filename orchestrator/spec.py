@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from trainables.config import NON_SEMANTIC_KEYS, SCHEMA, ConfigError, check_value, parse_cli_value, resolve
+from trainables.config import NON_SEMANTIC_KEYS, SCHEMA, ConfigError, canonical, check_value, parse_cli_value, resolve
 from trainables.config import HASH_NEUTRAL_DEFAULTS
 
 from .errors import UserError
@@ -57,8 +57,9 @@ def available_studies() -> dict[str, Path]:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """The identity of a configuration: its resolved semantic settings, hashed."""
-    full = resolve(config)
+    """The identity of a configuration: its canonical (trainables.config.canonical) semantic
+    settings, hashed, so two configurations of the same experiment share one hash."""
+    full = canonical(config)
     semantic = {k: v for k, v in sorted(full.items()) if k not in NON_SEMANTIC_KEYS}
     for key in HASH_NEUTRAL_DEFAULTS:  # settings added later: hashed only when they are changed
         if key in semantic and semantic[key] == SCHEMA[key][0]:
@@ -84,6 +85,9 @@ class Trial:
     config: dict[str, Any]  # the resolved full config
     config_hash: str
     factors: dict[str, Any]  # the values of the varying factors (and seed)
+    # resolved configs of other cells of the grid that are the same experiment (same hash): run
+    # once, as this trial, and shown under every name in the report
+    aliases: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -105,17 +109,19 @@ class StudySpec:
         if self.search is not None:
             return []
         names = list(self.factors)
-        out, seen = [], set()
+        out: dict[str, Trial] = {}
         for values in itertools.product(*(self.factors[n] for n in names)):
             for seed in self.seeds:
                 raw = {**self.fixed, **dict(zip(names, values)), "seed": seed}
                 config = resolve(raw, where=str(self.path))
                 chash = config_hash(config)
-                if chash in seen:  # e.g. a factor value that equals a default already in the grid
+                if chash in out:  # the same experiment: e.g. λ = 0 under 'ce' and 'joint'
+                    first = out[chash]
+                    if config != first.config and config not in first.aliases:
+                        first.aliases.append(config)
                     continue
-                seen.add(chash)
-                out.append(Trial(config, chash, {**dict(zip(names, values)), "seed": seed}))
-        return out
+                out[chash] = Trial(config, chash, {**dict(zip(names, values)), "seed": seed})
+        return list(out.values())
 
     def varying(self) -> list[str]:
         return [n for n, v in self.factors.items() if len(v) > 1] + (["seed"] if len(self.seeds) > 1 else [])

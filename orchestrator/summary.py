@@ -109,7 +109,13 @@ def record_grid(spec, trials, storage) -> None:
     """The invocation's grid beside the results (`results.write_grid`): `python -m orchestrator.report`
     rebuilds the report this invocation ends with, missing cells included."""
     results.write_grid(storage, spec.name, spec.scale, spec.text,
-                       {t.config_hash: t.config for t in trials} if spec.search is None else None)
+                       {t.config_hash: t.config for t in trials} if spec.search is None else None,
+                       grid_aliases(trials))
+
+
+def grid_aliases(trials) -> dict[str, list[dict]]:
+    """Config hash -> the configs of the grid's other names for that experiment (spec.Trial.aliases)."""
+    return {t.config_hash: t.aliases for t in trials if t.aliases}
 
 
 def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, log_report=None) -> str | None:
@@ -122,7 +128,8 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
     report_path = None
     try:
         files = build_report(spec.name, storage, spec_text=spec.text,
-                             expected_hashes={t.config_hash: t.config for t in trials} or None, table=table)
+                             expected_hashes={t.config_hash: t.config for t in trials} or None, table=table,
+                             aliases=grid_aliases(trials))
         report_path = str(files.html)
     except UserError as err:
         print(f"report not written: {err}", file=out)
@@ -132,7 +139,7 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
             print(f"the report is on disk but could not be logged to MLflow: {error}", file=out)
     print("", file=out)
     print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
-    print(robustness_table(spec, results.own_evaluation(table)), file=out)
+    print(robustness_table(spec, results.with_aliases(results.own_evaluation(table), grid_aliases(trials))), file=out)
     print("", file=out)
     defended = defence_text(results.own_evaluation(table))
     if defended is not None:

@@ -33,12 +33,7 @@ from .tracking_service import RemoteTrialTracker
 # this module only to hand `run_trial` to Ray, and importing torch there costs it more than a second.
 
 CHECKPOINT_FILE = "trial_state.pt"
-# Config keys that are also Parquet columns (the rest of the config is in `config_json`).
-CONFIG_COLUMNS = tuple(
-    c for c in results.COLUMNS
-    if c in ("seed", "dataset", "arch", "ssl_task", "ssl_weight", "attack_variant", "init",
-             "norm_train", "eps_train", "train_attack_steps", "rotations", "label_noise")
-)
+CONFIG_COLUMNS = results.CONFIG_COLUMNS
 
 
 @dataclass(frozen=True)

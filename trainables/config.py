@@ -330,6 +330,34 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
     return full
 
 
+# The training attack's settings: moot when ε_train = 0 (standard training runs no attack).
+TRAIN_ATTACK_KEYS = ("attack_variant", "norm_train", "train_attack", "train_attack_steps",
+                     "train_step_size_factor", "train_random_start", "train_bn_mode")
+
+
+def canonical(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config with every setting that cannot change the trained model (nor its
+    evaluation) in this configuration put to its default, so that two configurations of one
+    experiment are one cell (orchestrator.spec.config_hash hashes this). Written toward the
+    defaults so configurations that were already canonical keep their identity. Moot are:
+
+    - at ε_train = 0 (no training attack, trainables.train.Trainer._adversarial): the training
+      attack's settings (TRAIN_ATTACK_KEYS), except attack_variant 'ssl' with an SSL weight of 0,
+      whose zero-weight SSL batch still passes through the network (batch-norm statistics);
+    - with no SSL loss (ssl_task none, or ssl_weight 0, single task): 'joint' and 'ce', whose
+      attacks are then both plain CE (trainables.objectives.attack_objective).
+
+    ValueError (ConfigError) as `resolve`."""
+    full = resolve(config)
+    weight = 1.0 if full["ssl_tasks"] else (0.0 if full["ssl_task"] == "none" else full["ssl_weight"])
+    default = {key: SCHEMA[key][0] for key in TRAIN_ATTACK_KEYS}
+    if full["eps_train"] == 0 and not (full["attack_variant"] == "ssl" and weight == 0):
+        full.update(default)
+    elif weight == 0 and full["attack_variant"] in ("ce", "joint"):
+        full["attack_variant"] = default["attack_variant"]
+    return full
+
+
 def model_ssl_tasks(config: dict[str, Any]) -> list[str]:
     """The SSL tasks (heads) a resolved config trains: the keys of ssl_tasks, else ssl_task."""
     if config.get("ssl_tasks"):
