@@ -346,7 +346,7 @@ TINY = dict(
     dataset="fashion_mnist", arch="small_cnn", train_subset=128, test_subset=24, epochs=1, batch_size=64,
     ssl_task="rotation", rotations="one", ssl_weight=0.5, eps_train=0.1, train_attack_steps=1,
     eval_eps_linf=[0.0], label_free_eval=True, label_free_steps=2, smoothing_n0=4, smoothing_n=16,
-    smoothing_radii=[0.0, 0.25], **_smoke_center_smoothing(),
+    smoothing_radii=[0.0, 0.25], **{**_smoke_center_smoothing(), "center_smoothing_examples": 8},
 )
 
 
