@@ -83,8 +83,8 @@ def _noisy_batches(x: torch.Tensor, num: int, sigma: float, generator: torch.Gen
     for start in range(0, total, batch_size):
         index = torch.arange(start, min(start + batch_size, total), device=x.device) // num
         clean = x[index]
-        noise = torch.randn(clean.shape, device=x.device, dtype=clean.dtype, generator=generator)
-        yield index, clean + sigma * noise
+        noisy = torch.randn(clean.shape, device=x.device, dtype=clean.dtype, generator=generator)
+        yield index, noisy.mul_(sigma).add_(clean)
 
 
 def noisy_features(features: Callable, x: torch.Tensor, num: int, sigma: float,
