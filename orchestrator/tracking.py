@@ -906,7 +906,8 @@ def metrics_from_rows(rows: Iterable[dict]) -> dict[str, float]:
     * ``norm`` + ``eps_test`` (or ``eps``) -> ``robust_acc/<norm>/<eps>``
     * ``corruption`` + ``severity`` -> ``corruption_acc/<corruption>/<severity>``
     * ``ood_set`` + ``score`` + ``measure`` -> ``ood/<set>/<score>/<measure>`` (value in ``value``)
-    * ``measure`` alone (label-free rows) -> ``label_free/<measure>``, or ``certified_acc/<radius>``
+    * ``measure`` alone (label-free rows) -> ``label_free/<measure>`` (``label_free/<measure>/<radius>`` with a
+      radius), or ``certified_acc/<radius>``
     * ``clean_acc`` -> ``clean_acc``
     * a ``metric`` column names the value itself; columns already named like a metric
       (``robust_acc/linf/0.1``) are taken as they are.
