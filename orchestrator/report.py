@@ -1188,7 +1188,7 @@ def plot_center_smoothing(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure
                 ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
             if j == 0:
-                ax.legend(fontsize=6.5, loc="upper left")
+                ax.legend(fontsize=6.5, loc="best")
     _suptitle(fig, "Center smoothing: certified bound on the representation's movement against ε\n"
                    "(mean over seeds of the mean over certified images, shaded: 95% t-interval)", fontsize=10)
     return fig
