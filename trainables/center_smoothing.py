@@ -12,7 +12,9 @@ lemma) that ball still holds p⁻ = Φ(Φ⁻¹(p⁺) − ε/σ) = 1/2 + Δ of th
 ball of f̂(x') (which holds ≥ 1/2 − Δ there) and that ball's radius is at most β·R; the triangle
 inequality gives the bound (the paper's robustness theorem and its proof in the appendix).
 
-Estimation, per image (the paper's Smooth and Certify procedures, its Algorithms 1 and 2):
+Estimation, per image (the paper's two procedures, computing the smoothed output and certifying
+it, Algorithms 1 and 2 of the arXiv version as we read it; the section and algorithm numbers were
+not re-checked against the NeurIPS PDF, the constants against the authors' code):
 
 1. centre: n0 samples z_i = f(x + N_i); f̂(x) = z, the sample whose ball B(z, r) holding at least
    half of the samples is smallest (r = the ⌈n0/2⌉-th smallest distance from z to the samples,
