@@ -14,7 +14,8 @@ as λ = 0.
 
 Studies with out-of-distribution rows (ood_set/score/measure/value) also get an OOD table and an
 AUROC figure; studies with label-free measure rows (measure/value with no ood_set, `radius` on
-certified_acc rows) get a table of the label-free measures and a certified-accuracy figure;
+certified_acc and center-smoothing rows) get a table of the label-free measures, a
+certified-accuracy figure and a center-smoothing figure;
 studies that sweep label_noise get a table and a figure of clean test accuracy
 against the fraction of corrupted training labels. Neither appears for other studies.
 """
@@ -58,13 +59,16 @@ CORRUPTION_EVAL_COLUMNS = ("corruption", "severity")
 # Config keys that decide which rows a trial has (or how fast it runs), not the value of a row.
 NOT_FACTORS = frozenset(
     {"seed", "eval_batch_size", "eval_norms", "eval_eps_linf", "eval_eps_l2", "corruptions", "corruption_severities",
-     "ood_sets", "ood_scores", "label_free_eval"}
+     "ood_sets", "ood_scores", "label_free_eval", "center_smoothing_eps"}
 )
 OOD_EVAL_COLUMNS = ("ood_set", "score", "measure")
 OOD_MEASURES = ("auroc", "aupr", "fpr95")
 LABEL_FREE_EVAL_COLUMNS = ("measure", "radius")
 LABEL_FREE_MEASURES = ("repr_distance_untargeted", "repr_distance_targeted", "breakaway_risk", "overlap_risk",
                        "smoothing_abstain_rate")
+# center smoothing (trainables.center_smoothing): one row per l2 input radius ε, in `radius`
+CENTER_SMOOTHING_MEASURES = ("center_smoothing_bound", "center_smoothing_bound_normalized",
+                             "center_smoothing_abstain_rate")
 # Factors that never define panels (curves are per λ).
 CURVE_FACTORS = ("ssl_task", "ssl_weight")
 # Adversarial figures: a column per attack variant, a row per init × norm × ε_train (× any other
@@ -1054,7 +1058,12 @@ def label_noise_table(data: StudyData) -> pd.DataFrame:
 # Label-free robustness (Petrov and Kwiatkowska; only for studies that have it)
 # ============================================================================================
 def _lf_column(measure: str, radius: Any) -> str:
-    return f"certified_acc@{float(radius):g}" if measure == "certified_acc" else str(measure)
+    """`certified_acc@<r>`, `center_smoothing_bound@<ε>`, ...: a column per radius; else the measure."""
+    return str(measure) if _missing_number(radius) else f"{measure}@{float(radius):g}"
+
+
+def _missing_number(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def label_free_table(agg_lf: pd.DataFrame, train_keys: list[str]) -> pd.DataFrame:
@@ -1067,6 +1076,9 @@ def label_free_table(agg_lf: pd.DataFrame, train_keys: list[str]) -> pd.DataFram
     known = [m for m in LABEL_FREE_MEASURES if m in set(agg["column"])]
     radii = sorted({float(r) for m, r in zip(agg["measure"], agg["radius"]) if m == "certified_acc"})
     columns = known + [_lf_column("certified_acc", r) for r in radii]
+    cs_eps = sorted({float(r) for m, r in zip(agg["measure"], agg["radius"]) if m in CENTER_SMOOTHING_MEASURES})
+    columns += [c for m in CENTER_SMOOTHING_MEASURES for c in (_lf_column(m, e) for e in cs_eps)
+                if c in set(agg["column"])]
     columns += sorted(set(agg["column"]) - set(columns))
     rows = []
     for key, g in agg.groupby(list(train_keys), dropna=False, sort=True):
@@ -1131,6 +1143,54 @@ def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figu
         ax.legend(fontsize=6.5, loc="upper right")
     _suptitle(fig, "Randomized smoothing: certified accuracy against radius\n(mean over seeds, shaded: 95% t-interval)",
               fontsize=10)
+    return fig
+
+
+def plot_center_smoothing(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure | None:
+    """Center smoothing: the certified bound on how far the smoothed representation moves (l2, and
+    over the median clean-pair distance) and the abstention rate against the l2 input radius ε; one
+    curve per λ × attack variant, a row of panels per any other swept factor; shaded: 95% t-interval."""
+    sel_all = agg_lf[agg_lf["measure"].isin(CENTER_SMOOTHING_MEASURES)] if not agg_lf.empty else agg_lf
+    if sel_all.empty:
+        return None
+    curve_f = ["ssl_task", "ssl_weight", "attack_variant"]
+    row_f = [k for k in _varying(sel_all, train_keys) if k not in curve_f]
+    rows = sorted({tuple(r) for r in sel_all[row_f].itertuples(index=False)}, key=_sort_key) if row_f else [()]
+    colors = _Colors(sel_all["ssl_weight"])
+    variants = sorted(set(sel_all["attack_variant"]))
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
+    panels = [("center_smoothing_bound", "certified bound (l2, representation)"),
+              ("center_smoothing_bound_normalized", "bound / median clean-pair distance"),
+              ("center_smoothing_abstain_rate", "abstention rate")]
+    fig, axes = _new_figure(len(rows), len(panels), w=4.3, h=3.4)
+    for i, rv in enumerate(rows):
+        where = dict(zip(row_f, rv))
+        sel = _select(sel_all, where)
+        for j, (measure, ylabel) in enumerate(panels):
+            ax = axes[i, j]
+            part = sel[sel["measure"] == measure]
+            ax.set_title((_describe(where) + "\n" if where else "") + ylabel, fontsize=8)
+            if part.empty:
+                _empty_panel(ax, "every image abstained")
+                continue
+            curves = sorted(part.groupby(curve_f, dropna=False), key=lambda kv: (str(kv[0][2]), float(kv[0][1])))
+            for (task, lam, variant), c in curves:
+                c = c.sort_values("radius")
+                x, y, ci = (c[k].to_numpy(float) for k in ("radius", "mean", "ci95"))
+                v = variants.index(variant) % len(styles)
+                color = colors(task, lam)
+                ax.plot(x, y, marker=markers[v], ms=3.5, lw=1.5, color=color, ls=styles[v],
+                        label=f"{_lam_label(task, lam)}, {variant}, {_seed_label(c['n_seeds'])}")
+                if np.isfinite(ci).any():
+                    ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+            ax.set_xlabel("l2 input radius ε", fontsize=8)
+            if measure == "center_smoothing_abstain_rate":
+                ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.legend(fontsize=6.5, loc="best")
+    _suptitle(fig, "Center smoothing: certified bound on the representation's movement against ε\n"
+                   "(mean over seeds of the mean over certified images, shaded: 95% t-interval)", fontsize=10)
     return fig
 
 
@@ -1392,6 +1452,13 @@ def build_report(
          "Randomized smoothing (Cohen et al. 2019, CERTIFY): the fraction of test images the smoothed "
          "classifier predicts correctly with a certified l2 radius of at least r; one curve per λ × attack "
          "variant. Shaded: 95% t-interval over seeds."),
+        ("center_smoothing", "Label-free robustness: center smoothing", plot_center_smoothing(agg_lf, tk),
+         "Center smoothing of the representation (Kumar and Goldstein 2021): for each l2 input radius ε, a "
+         "bound, certified with probability 1 − α, on how far the smoothed representation can move, in l2 "
+         "(left) and over the median distance between clean representations of distinct test images "
+         "(middle), averaged over the images not abstained on; right: the fraction abstained on (the "
+         "centre failed its check, or ε is too large for the samples). One curve per λ × attack variant. "
+         "Shaded: 95% t-interval over seeds."),
     ]
     for name, title, fig, caption in figures:
         if fig is None:
@@ -1451,7 +1518,10 @@ def build_report(
          "the attacked one than its own; overlap_risk = fraction of pairs, each image attacked toward the "
          "other, where the partner's attack lands closer to an image's clean representation than the image's "
          "own attack (the margin ratio is negative); certified_acc@r = randomized-smoothing certified "
-         "accuracy at l2 radius r; smoothing_abstain_rate = fraction of abstentions.",
+         "accuracy at l2 radius r; smoothing_abstain_rate = fraction of abstentions; "
+         "center_smoothing_bound@ε = center smoothing's certified bound on the movement of the smoothed "
+         "representation for l2 input radius ε (mean over the images certified at ε; _normalized: over the "
+         "median clean-pair distance), center_smoothing_abstain_rate@ε = fraction abstained on.",
          label_free_table(agg_lf, tk), lambda t: label_free_display(t, tk)),
     ]
     for name, title, caption, table, display in extra_tables:

@@ -20,7 +20,8 @@ when a trial evaluates out-of-distribution detection, one *measure row* per tria
 score x measure (``norm``, ``eps_test``, ``corruption``, ``severity`` null, ``attack`` = "none",
 ``robust_acc`` null, the number in ``value``, e.g. measure "auroc"). Label-free robustness
 (`trainables.label_free`) gives measure rows with ``ood_set`` null too (e.g. "breakaway_risk"), and
-"certified_acc" rows with the certified radius in ``radius``. ``robust_acc`` may only be
+"certified_acc" rows with the certified radius in ``radius`` (center-smoothing rows: the l2 input
+radius ε there). ``robust_acc`` may only be
 empty on measure rows. Files written before a nullable column existed read with it empty.
 Rows of a trial evaluated with a test-time defence carry ``defence`` (e.g. "ssl_reverse") and
 the attack that produced them (``attack`` "pgd" or "pgd_adaptive"); ``defence`` null = undefended.
@@ -93,7 +94,8 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("score", pa.string(), True),  # OOD rows: the detection score (msp, rotation); else null
     ("measure", pa.string(), True),  # measure rows: what `value` is (auroc, aupr, fpr95); else null
     ("value", pa.float64(), True),  # measure rows: the measured number; else null
-    # label-free measure rows (ood_set null): the certified l2 radius of measure certified_acc; else null
+    # label-free measure rows (ood_set null): the certified l2 radius of measure certified_acc, the
+    # l2 input radius ε of the center_smoothing_* measures; else null
     ("radius", pa.float64(), True),
     # test-time defence of the row (trainables.defence), e.g. "ssl_reverse"; null: undefended
     # (every row written before the column existed). Defended rows name their attack in `attack`:

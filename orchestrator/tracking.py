@@ -476,13 +476,16 @@ def ood_metric_name(ood_set: str, score: str, measure: str) -> str:
 
 def label_free_metric_name(measure: str, radius: float | None = None) -> str:
     """``certified_acc/<radius>`` (radius compact: 0.25) for measure certified_acc, else
-    ``label_free/<measure>``, e.g. ``label_free/breakaway_risk``."""
+    ``label_free/<measure>``, e.g. ``label_free/breakaway_risk``, or with a radius (center
+    smoothing's input radius ε) ``label_free/<measure>/<radius>``."""
     if _missing(measure):
         raise ValueError("a label-free metric needs 'measure'")
     if measure == "certified_acc":
         if _missing(radius):
             raise ValueError("certified_acc needs a radius")
         return _clean_name(f"certified_acc/{_compact_number(radius)}")
+    if not _missing(radius):
+        return _clean_name(f"label_free/{measure}/{_compact_number(radius)}")
     return _clean_name(f"label_free/{measure}")
 
 
@@ -903,7 +906,8 @@ def metrics_from_rows(rows: Iterable[dict]) -> dict[str, float]:
     * ``norm`` + ``eps_test`` (or ``eps``) -> ``robust_acc/<norm>/<eps>``
     * ``corruption`` + ``severity`` -> ``corruption_acc/<corruption>/<severity>``
     * ``ood_set`` + ``score`` + ``measure`` -> ``ood/<set>/<score>/<measure>`` (value in ``value``)
-    * ``measure`` alone (label-free rows) -> ``label_free/<measure>``, or ``certified_acc/<radius>``
+    * ``measure`` alone (label-free rows) -> ``label_free/<measure>`` (``label_free/<measure>/<radius>`` with a
+      radius), or ``certified_acc/<radius>``
     * ``clean_acc`` -> ``clean_acc``
     * a ``metric`` column names the value itself; columns already named like a metric
       (``robust_acc/linf/0.1``) are taken as they are.

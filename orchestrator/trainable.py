@@ -99,8 +99,8 @@ def _is_label_free(record: dict) -> bool:
 
 def result_metrics(records: list[dict]) -> dict[str, float]:
     """The MLflow metrics of a trial's records: robust_acc/<norm>/<eps>,
-    corruption_acc/<corruption>/<severity>, ood/<set>/<score>/<measure>, label_free/<measure> and
-    certified_acc/<radius>."""
+    corruption_acc/<corruption>/<severity>, ood/<set>/<score>/<measure>, label_free/<measure>,
+    label_free/<measure>/<ε> (center smoothing) and certified_acc/<radius>."""
     metrics = {}
     for r in records:
         if _is_ood(r):

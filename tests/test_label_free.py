@@ -1,6 +1,7 @@
 """Label-free robustness (Petrov and Kwiatkowska): the measures on hand-made points, randomized
 smoothing against its published formula, the `repr` training variant, and a tiny label_free study
-end to end (local Ray, sqlite MLflow, real Parquet files)."""
+end to end (local Ray, sqlite MLflow, real Parquet files) with the center-smoothing settings of the
+label_free study's smoke scale (center smoothing itself: tests/test_center_smoothing.py)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -151,7 +152,10 @@ def test_config_keys_leave_existing_hashes_alone():
                  eval_attack_steps=3, eval_eps_linf=[0.0, 0.05, 0.1], ssl_weight=0.0, seed=0)
     assert config_hash(smoke) == "5db4e3dc338dd0ed"
     defaults = {"label_free_eval": False, "label_free_eps": None, "label_free_steps": 10,
-                "smoothing_sigma": 0.25, "smoothing_n": 100, "smoothing_radii": [0.0, 0.25, 0.5, 0.75, 1.0]}
+                "smoothing_sigma": 0.25, "smoothing_n": 100, "smoothing_radii": [0.0, 0.25, 0.5, 0.75, 1.0],
+                "center_smoothing_eps": [0.05, 0.1, 0.2], "center_smoothing_sigma": 0.25,
+                "center_smoothing_n0": 100, "center_smoothing_n": 1000, "center_smoothing_alpha": 0.01,
+                "center_smoothing_delta": 0.25, "center_smoothing_examples": 100}
     assert config_hash({**smoke, **defaults}) == "5db4e3dc338dd0ed"
     assert config_hash({**smoke, "label_free_eval": True}) != "5db4e3dc338dd0ed"
     assert resolve({"smoothing_radii": [0.5, 0, 0.5]})["smoothing_radii"] == [0.0, 0.5]
@@ -202,12 +206,22 @@ def test_label_free_records_of_a_short_run():
 
     trainer = Trainer(dict(train_subset=64, test_subset=24, epochs=1, batch_size=64, eps_train=0.0,
                            eval_eps_linf=[0.0], label_free_eval=True, label_free_steps=2, smoothing_n0=4,
-                           smoothing_n=16, smoothing_radii=[0.0, 0.5]), device="cpu")
+                           smoothing_n=16, smoothing_radii=[0.0, 0.5], **CENTER_SMOOTHING,
+                           center_smoothing_eps=[0.05, 1.0], center_smoothing_examples=8), device="cpu")
     list(trainer.epochs())
     records = trainer.evaluate()
     got = {(r["measure"], r.get("radius")): r for r in records if r["measure"] is not None}
+    # center smoothing: ε = 1 (4σ) is beyond what 256 samples certify, so only its abstention rate
     assert set(got) == {(m, None) for m in lf.MEASURES + ("smoothing_abstain_rate",)} | {
-        ("certified_acc", 0.0), ("certified_acc", 0.5)}
+        ("certified_acc", 0.0), ("certified_acc", 0.5), ("center_smoothing_abstain_rate", 1.0)} | {
+        (m, 0.05) for m in lf.CENTER_SMOOTHING_MEASURES}
+    assert got["center_smoothing_abstain_rate", 1.0]["value"] == 1.0
+    assert 0 <= got["center_smoothing_abstain_rate", 0.05]["value"] < 1
+    cs_bound = got["center_smoothing_bound", 0.05]
+    assert cs_bound["value"] > 0 and cs_bound["n_examples"] == 8 and cs_bound["attack"] == "none"
+    scale = lf.median_pair_distance(lf._features(trainer.model, trainer.test_data().images.float() / 255, 24))
+    assert got["center_smoothing_bound_normalized", 0.05]["value"] == pytest.approx(cs_bound["value"] / scale,
+                                                                                    rel=1e-4)
     assert all(r["norm"] is None and r["robust_acc"] is None and r["ood_set"] is None for r in got.values())
     for m in ("breakaway_risk", "overlap_risk", "smoothing_abstain_rate"):
         assert 0 <= got[m, None]["value"] <= 1
@@ -219,6 +233,8 @@ def test_label_free_records_of_a_short_run():
     metrics = result_metrics(records)
     assert metrics["label_free/breakaway_risk"] == got["breakaway_risk", None]["value"]
     assert metrics["certified_acc/0.5"] == got["certified_acc", 0.5]["value"]
+    assert metrics["label_free/center_smoothing_bound/0.05"] == cs_bound["value"]
+    assert metrics["label_free/center_smoothing_abstain_rate/1"] == 1.0
     config = {"norm_train": "linf", "eps_train": 0.0}
     plain = [r for r in records if r["measure"] is None]
     assert summary_metrics(config, records[::-1]) == summary_metrics(config, plain)
@@ -240,6 +256,11 @@ def _rows(h, seed, lam, variant, breakaway=0.2):
         rows.append(dict(base, attack="repr_pgd", measure=m, value=v))
     for r, v in ((0.0, 0.7), (0.5, 0.3), (1.0, 0.1)):
         rows.append(dict(base, attack="none", measure="certified_acc", radius=r, value=v - 0.1 * lam))
+    for e, v in ((0.05, 0.6), (0.1, 0.9)):
+        rows.append(dict(base, attack="none", measure="center_smoothing_bound", radius=e, value=v + lam))
+        rows.append(dict(base, attack="none", measure="center_smoothing_bound_normalized", radius=e,
+                         value=(v + lam) / 2))
+        rows.append(dict(base, attack="none", measure="center_smoothing_abstain_rate", radius=e, value=e + 0.1 * seed))
     return rows
 
 
@@ -255,6 +276,7 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
     assert not df.duplicated(list(results.KEY_COLUMNS)).any()
     cert = df[df["measure"] == "certified_acc"]
     assert len(cert) == 8 * 3 and sorted(cert["radius"].unique()) == [0.0, 0.5, 1.0]
+    assert sorted(df[df["measure"] == "center_smoothing_bound"]["radius"].unique()) == [0.05, 0.1]
     assert df[df["measure"] == "breakaway_risk"]["radius"].isna().all()
     rows = _rows("h0", 0, 0.0, "ce")
     with pytest.raises(results.ResultsError, match="duplicate"):
@@ -267,10 +289,13 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
     metrics = tracking.metrics_from_rows(rows)
     assert metrics["certified_acc/0.5"] == pytest.approx(0.3) and metrics["label_free/breakaway_risk"] == 0.2
     assert metrics["robust_acc/linf/0.1"] == 0.5
+    assert metrics["label_free/center_smoothing_bound/0.05"] == pytest.approx(0.6)
+    assert metrics["label_free/center_smoothing_abstain_rate/0.1"] == pytest.approx(0.1)
+    assert tracking.label_free_metric_name("center_smoothing_bound", 0.25) == "label_free/center_smoothing_bound/0.25"
 
     files = report.build_report("s", storage, out_dir=str(tmp_path / "out"))
     names = {p.rsplit("/", 1)[-1] for p in files.figures + files.tables}
-    assert {"certified_accuracy.png", "label_free.md", "label_free.csv"} <= names
+    assert {"certified_accuracy.png", "center_smoothing.png", "label_free.md", "label_free.csv"} <= names
     data = report.prepare(df)
     assert data.adv["norm"].notna().all() and len(data.adv) == 16  # measure rows are not robustness rows
     table = report.label_free_table(report.aggregate(data.label_free, data.train_keys + ["measure", "radius"],
@@ -279,6 +304,16 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
     row = table[(table["ssl_weight"] == 0.5) & (table["attack_variant"] == "repr")].iloc[0]
     assert row["breakaway_risk_mean"] == pytest.approx(0.205) and row["certified_acc@0.5_mean"] == pytest.approx(0.25)
     assert row["n_seeds"] == 2 and math.isfinite(row["breakaway_risk_ci95"])
+    assert row["center_smoothing_bound@0.1_mean"] == pytest.approx(1.4)
+    assert row["center_smoothing_abstain_rate@0.05_mean"] == pytest.approx(0.1)  # seeds 0 and 1: 0.05, 0.15
+    cs_columns = [c[: -len("_mean")] for c in table.columns if c.startswith("center_smoothing") and c.endswith("_mean")]
+    assert cs_columns == [f"center_smoothing_{m}@{e}" for m in ("bound", "bound_normalized", "abstain_rate")
+                          for e in ("0.05", "0.1")]
+    fig = report.plot_center_smoothing(report.aggregate(data.label_free, data.train_keys + ["measure", "radius"],
+                                                        value="value"), data.train_keys)
+    bound_panel = fig.axes[0]
+    assert len(bound_panel.get_lines()) == 4  # a curve per λ × variant
+    assert sorted(bound_panel.get_lines()[0].get_xdata()) == [0.05, 0.1]
     md = (tmp_path / "out" / "label_free.md").read_text()
     assert "±" in md and "certified_acc@0.5" in md
     assert "certified accuracy" in (tmp_path / "out" / "report.html").read_text()
@@ -289,17 +324,29 @@ def test_report_has_no_label_free_section_without_such_rows(tmp_path):
     results.write_trial(str(tmp_path), "s", "h0", rows)
     files = report.build_report("s", str(tmp_path), out_dir=str(tmp_path / "out"))
     names = {p.rsplit("/", 1)[-1] for p in files.figures + files.tables}
-    assert not {"certified_accuracy.png", "label_free.md"} & names
+    assert not {"certified_accuracy.png", "center_smoothing.png", "label_free.md"} & names
 
 
 # ---------------------------------------------------------------------------------------------
 # end to end through the study runner (fixture pattern of tests/test_ood.py)
 
+def _smoke_center_smoothing() -> dict:
+    """The center-smoothing settings of the label_free study's smoke scale (studies/label_free.yaml)."""
+    import yaml
+    from pathlib import Path
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "studies" / "label_free.yaml").read_text())
+    fixed = {**spec["fixed"], **spec["scales"]["smoke"]["fixed"]}
+    return {k: v for k, v in fixed.items() if k.startswith("center_smoothing_")}
+
+
+CENTER_SMOOTHING = {k: v for k, v in _smoke_center_smoothing().items()
+                    if k not in ("center_smoothing_eps", "center_smoothing_examples")}
 TINY = dict(
     dataset="fashion_mnist", arch="small_cnn", train_subset=128, test_subset=24, epochs=1, batch_size=64,
     ssl_task="rotation", rotations="one", ssl_weight=0.5, eps_train=0.1, train_attack_steps=1,
     eval_eps_linf=[0.0], label_free_eval=True, label_free_steps=2, smoothing_n0=4, smoothing_n=16,
-    smoothing_radii=[0.0, 0.25],
+    smoothing_radii=[0.0, 0.25], **{**_smoke_center_smoothing(), "center_smoothing_examples": 8},
 )
 
 
@@ -322,7 +369,13 @@ def test_label_free_study_end_to_end(ray_cluster, workspace):
     table = results.load("lftiny", options.storage)
     assert not table.duplicated(list(results.KEY_COLUMNS)).any()
     measures = table[table["measure"].notna()]
-    assert len(measures) == 2 * (4 + 2 + 1)  # trials × (4 measures + 2 radii + abstain rate)
+    cs_eps = TINY["center_smoothing_eps"]
+    cs_rows = measures[measures["measure"].str.startswith("center_smoothing")]
+    # per trial and ε: the abstention rate, and the bound (l2 and normalised) unless every image abstained
+    assert len(cs_rows[cs_rows.measure == "center_smoothing_abstain_rate"]) == 2 * len(cs_eps)
+    assert len(cs_rows[cs_rows.measure == "center_smoothing_bound"]) >= 2  # the smoke settings certify
+    assert len(measures) == 2 * (4 + 2 + 1) + len(cs_rows)  # trials × (4 measures + 2 radii + abstain rate)
+    assert (cs_rows["n_examples"] == TINY["center_smoothing_examples"]).all()
     assert measures["ood_set"].isna().all() and measures["robust_acc"].isna().all()
     assert sorted(table["attack_variant"].unique()) == ["ce", "repr"]
 
@@ -338,6 +391,11 @@ def test_label_free_study_end_to_end(ray_cluster, workspace):
         cert = mine[(mine.measure == "certified_acc") & (mine.radius == 0.25)]["value"].iloc[0]
         assert child.data.metrics["label_free/overlap_risk"] == pytest.approx(overlap)
         assert child.data.metrics["certified_acc/0.25"] == pytest.approx(cert)
+        for row in cs_rows[cs_rows.config_hash == chash].itertuples():
+            name = tracking.label_free_metric_name(row.measure, row.radius)
+            assert child.data.metrics[name] == pytest.approx(row.value)
         assert "label_free/repr_distance_targeted" in child.data.metrics and "clean_acc" in child.data.metrics
     report_dir = Path(options.storage) / "reports" / "lftiny"
     assert (report_dir / "label_free.md").is_file() and (report_dir / "certified_accuracy.png").is_file()
+    assert (report_dir / "center_smoothing.png").is_file() and "center_smoothing_bound@" in (
+        report_dir / "label_free.md").read_text()

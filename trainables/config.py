@@ -152,6 +152,16 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "smoothing_n": (100, "int", "pos"),  # estimation samples (Cohen et al.: 100,000; CPU default)
     "smoothing_alpha": (0.001, "float", "pos"),  # failure probability of the certificate
     "smoothing_radii": ([0.0, 0.25, 0.5, 0.75, 1.0], "list[float]", "nonneg"),
+    # certified robustness of the representation by center smoothing (trainables.center_smoothing,
+    # Kumar and Goldstein 2021): a certified bound on how far the smoothed representation moves
+    # for each l2 input radius in center_smoothing_eps (empty: not run)
+    "center_smoothing_eps": ([0.05, 0.1, 0.2], "list[float]", "pos"),
+    "center_smoothing_sigma": (0.25, "float", "pos"),  # noise σ (Petrov and Kwiatkowska: 0.25)
+    "center_smoothing_n0": (100, "int", "pos"),  # samples for the centre, and again for its check
+    "center_smoothing_n": (1000, "int", "pos"),  # samples for the certified radius (paper: 10^6)
+    "center_smoothing_alpha": (0.01, "float", "pos"),  # failure probability α1 + α2 (paper: 0.005 each)
+    "center_smoothing_delta": (0.25, "float", "pos"),  # the paper's Δ (0.05), in (0, 0.5)
+    "center_smoothing_examples": (100, "int?", "pos"),  # test images certified; None: every label-free one
     # run
     "seed": (0, "int", "nonneg"),
 }
@@ -173,6 +183,11 @@ HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
 })
 # Validation split and checkpoint selection, added later again: hashed only when changed.
 HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({"val_subset", "val_attack_steps", "checkpoint_selection"})
+# Center smoothing (trainables.center_smoothing), added after the label-free keys: hashed only when changed.
+HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
+    "center_smoothing_eps", "center_smoothing_sigma", "center_smoothing_n0", "center_smoothing_n",
+    "center_smoothing_alpha", "center_smoothing_delta", "center_smoothing_examples",
+})
 
 # Keys that change only how a trained model is evaluated, never its weights: the settings a
 # re-evaluation of kept models (orchestrator.evaluate) may change. Every eval_* key is one.
@@ -182,6 +197,8 @@ EVALUATION_KEYS = frozenset(k for k in SCHEMA if k.startswith("eval_")) | frozen
     "ood_sets", "ood_scores", "ood_examples",
     "label_free_eval", "label_free_eps", "label_free_steps", "label_free_examples",
     "smoothing_sigma", "smoothing_n0", "smoothing_n", "smoothing_alpha", "smoothing_radii",
+    "center_smoothing_eps", "center_smoothing_sigma", "center_smoothing_n0", "center_smoothing_n",
+    "center_smoothing_alpha", "center_smoothing_delta", "center_smoothing_examples",
 })
 
 
@@ -312,6 +329,19 @@ def resolve(config: dict[str, Any], where: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{where}: 'smoothing_alpha' must be in (0, 0.5), got {full['smoothing_alpha']!r}")
     if full["smoothing_radii"] != SCHEMA["smoothing_radii"][0]:  # one record per radius: no repeats
         full["smoothing_radii"] = sorted(set(float(r) for r in full["smoothing_radii"]))
+    if full["center_smoothing_eps"] != SCHEMA["center_smoothing_eps"][0]:  # one record per ε: no repeats
+        full["center_smoothing_eps"] = sorted(set(float(e) for e in full["center_smoothing_eps"]))
+    for key in ("center_smoothing_alpha", "center_smoothing_delta"):
+        if not 0 < full[key] < 0.5:
+            raise ConfigError(f"{where}: '{key}' must be in (0, 0.5), got {full[key]!r}")
+    if full["label_free_eval"] and full["center_smoothing_eps"]:
+        need = center_smoothing_min_n0(full["center_smoothing_alpha"], full["center_smoothing_delta"])
+        if full["center_smoothing_n0"] < need:
+            raise ConfigError(
+                f"{where}: 'center_smoothing_n0' is {full['center_smoothing_n0']}, too few samples for "
+                f"center_smoothing_delta {full['center_smoothing_delta']:g} (every image would abstain); "
+                f"set center_smoothing_n0 >= {need} or raise center_smoothing_delta"
+            )
     if full["label_free_eval"] and full["label_free_examples"] == 1:
         raise ConfigError(f"{where}: 'label_free_examples' must be >= 2 (pairs of test images are compared)")
     for key in ("ood_sets", "ood_scores"):  # one record per set × score × measure: no repeats
@@ -356,6 +386,12 @@ def canonical(config: dict[str, Any]) -> dict[str, Any]:
     elif weight == 0 and full["attack_variant"] in ("ce", "joint"):
         full["attack_variant"] = default["attack_variant"]
     return full
+
+
+def center_smoothing_min_n0(alpha: float, delta: float) -> int:
+    """The fewest centre samples n0 with Δ1 = sqrt(ln(2/α1)/(2·n0)) <= Δ, α1 = α/2 (Kumar and
+    Goldstein's check, trainables.center_smoothing): with fewer, center smoothing always abstains."""
+    return math.ceil(math.log(4.0 / alpha) / (2.0 * delta * delta))
 
 
 def model_ssl_tasks(config: dict[str, Any]) -> list[str]:

@@ -24,6 +24,10 @@ Measures (plain functions over representation tensors; definitions used here):
   (d(x, x'→x), d(x, x→x'), d(x, x'); AleksandarPetrov/unsupervised-robustness, scripts/margin.py).
 
 Both risks are 0 for an encoder that ignores the perturbation (a_i = c_i).
+
+Certified robustness of the representation (`center_smoothing_records`): center smoothing of f
+(Kumar and Goldstein 2021, `trainables.center_smoothing`), a bound per l2 input radius ε on how far
+the smoothed representation can move, in l2 and normalised by the same median clean-pair distance.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from .attacks import pgd
 from .config import MNIST_FAMILY
 
 MEASURES = ("repr_distance_untargeted", "repr_distance_targeted", "breakaway_risk", "overlap_risk")
+CENTER_SMOOTHING_MEASURES = ("center_smoothing_bound", "center_smoothing_bound_normalized",
+                             "center_smoothing_abstain_rate")
 
 
 def _sq_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -157,8 +163,8 @@ def _record(measure, value, n, clean_acc, attack="none", steps=0, step_size=0.0,
 def label_free_records(model, x: torch.Tensor, y: torch.Tensor, config: dict,
                        clean_acc: float | None = None) -> list[dict]:
     """The label-free measures of a trained model as result records (measure rows: `measure`,
-    `value`, and `radius` for certified accuracy; norm, eps_test and robust_acc empty). Empty
-    unless config["label_free_eval"]."""
+    `value`, and `radius`: the l2 radius of certified accuracy, the l2 input radius ε of the center
+    smoothing rows; norm, eps_test and robust_acc empty). Empty unless config["label_free_eval"]."""
     if not config.get("label_free_eval"):
         return []
     from .smoothing import certified_accuracy, certify
@@ -204,4 +210,38 @@ def label_free_records(model, x: torch.Tensor, y: torch.Tensor, config: dict,
         records.append(_record("certified_acc", acc, n, clean_acc, radius=radius))
     abstained = float((certificate.prediction == -1).double().mean())
     records.append(_record("smoothing_abstain_rate", abstained, n, clean_acc))
+    if config.get("center_smoothing_eps"):
+        records += center_smoothing_records(model, x, config, scale, clean_acc, batch_size, seed)
+    return records
+
+
+def center_smoothing_records(model, x: torch.Tensor, config: dict, scale: float, clean_acc: float | None,
+                             batch_size: int, seed: int) -> list[dict]:
+    """Center smoothing of f = model.features (trainables.center_smoothing) on the first
+    center_smoothing_examples images of x, per l2 input radius ε (in `radius`): the mean certified
+    bound over the images certified at ε ("center_smoothing_bound", l2 in representation space, and
+    "center_smoothing_bound_normalized", over `scale`) and the fraction abstained on
+    ("center_smoothing_abstain_rate"). The bound rows are left out at an ε where every image abstained."""
+    from .center_smoothing import center_certify, summarise
+    from .device import prepare_input
+    from .folding import folded_for_eval
+
+    keep = config.get("center_smoothing_examples")
+    x = x[: int(keep)] if keep else x
+    folded = folded_for_eval(model)  # eval mode only: BatchNorm folded, the same function
+
+    def features(batch):
+        return folded.features(prepare_input(batch))
+
+    certificate = center_certify(
+        features, x, sigma=float(config.get("center_smoothing_sigma", 0.25)), eps=config["center_smoothing_eps"],
+        n0=int(config.get("center_smoothing_n0", 100)), n=int(config.get("center_smoothing_n", 1000)),
+        alpha=float(config.get("center_smoothing_alpha", 0.01)), delta=float(config.get("center_smoothing_delta", 0.25)),
+        batch_size=max(batch_size, 1), seed=seed)
+    records = []
+    for eps, row in summarise(certificate, scale).items():
+        for measure in CENTER_SMOOTHING_MEASURES:
+            key = measure[len("center_smoothing_"):]
+            if key in row:
+                records.append(_record(measure, row[key], len(x), clean_acc, radius=eps))
     return records
