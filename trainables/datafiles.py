@@ -231,12 +231,12 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _unavailable(name: str, train: bool, reason: str, source: _Source) -> DatasetUnavailable:
+def _unavailable(name: str, train: bool, reason: str, source: _Source, how: str | None = None) -> DatasetUnavailable:
     split = "train" if train else "test"
     return DatasetUnavailable(
         _one_line(
             f"dataset {name} ({split} split) unavailable: {reason}; "
-            f"looked in {', '.join(source.looked)}; to get it: {source.how}",
+            f"looked in {', '.join(source.looked)}; to get it: {how or source.how}",
             limit=1000,
         )
     )
@@ -324,8 +324,11 @@ def stage(name: str, train: bool, root: Path):
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except Exception as e:  # urllib, md5, S3 and disk errors alike: the user needs the same advice
-        where = f"copy from the mirror {mirror}" if mirror else "download"
-        raise _unavailable(name, train, f"{where} failed ({type(e).__name__}: {_one_line(e)})", source) from None
+        if mirror:
+            raise _unavailable(name, train, f"copy from the mirror {mirror} failed ({type(e).__name__}: {_one_line(e)})",
+                               source, how=f"put the dataset's files into {mirror} as they are laid out in a data "
+                                           f"folder (docs/cluster.md), or unset {MIRROR_ENV} to download it") from None
+        raise _unavailable(name, train, f"download failed ({type(e).__name__}: {_one_line(e)})", source) from None
     found = source.locate()
     if found is None:
         raise _unavailable(name, train, "download finished but the files are missing", source)
