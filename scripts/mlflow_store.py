@@ -32,7 +32,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _check(path: Path) -> None:
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+    with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as conn:
         verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
     conn.close()
     if verdict != "ok":
@@ -45,7 +45,7 @@ def backup(db: Path, dest: str) -> None:
     fs, dest_path = _filesystem(dest)
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = Path(tmp) / "mlflow.db"
-        source = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        source = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
         target = sqlite3.connect(snapshot)
         try:
             source.backup(target)  # restarts by itself if the server writes meanwhile
