@@ -416,7 +416,9 @@ def load_arrays(name: str, train: bool, root: Path, download: bool) -> tuple[np.
     if found is not None and (decoded := _read_decoded(root, name, train, found)) is not None:
         return decoded
     if found is None:
-        if not download:
+        # A mirror is the user's own copy, not a download from the internet: used even when
+        # download=False (OOD sets, which are never downloaded, are staged from it too).
+        if not download and not os.environ.get(MIRROR_ENV):
             raise _unavailable(name, train, "not found and download=False", source)
         found = stage(name, train, root)
     try:
