@@ -94,3 +94,16 @@ def test_a_failed_fetch_is_one_line_and_leaves_no_partial_files(tmp_path, monkey
     # the train split is usable, so a second call does not fetch again
     images, labels = datafiles.load_arrays("cifar10", True, root, download=False)
     assert images.shape == (20, 3, 32, 32) and len(labels) == 20
+
+
+def test_a_mirror_is_used_even_where_downloads_are_not(tmp_path, monkeypatch):
+    """OOD sets are never downloaded (download=False), but a node copies them from the user's mirror."""
+    mirror, root = tmp_path / "mirror", tmp_path / "node-data"
+    arrays = write_cifar10(mirror, per_batch=4, n_test=6)
+    with pytest.raises(datafiles.DatasetUnavailable, match="not found and download=False"):
+        datafiles.load_arrays("cifar10", False, root, download=False)
+    monkeypatch.setenv(datafiles.MIRROR_ENV, str(mirror))
+    images, labels = datafiles.load_arrays("cifar10", False, root, download=False)
+    np.testing.assert_array_equal(images, arrays["test"][0])
+    np.testing.assert_array_equal(labels, arrays["test"][1])
+    assert leftovers(root) == []
