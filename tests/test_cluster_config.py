@@ -498,3 +498,20 @@ def test_docs_cover_the_workflow():
     # the token file the docs create is the one cluster.yaml ships
     assert raw("aws")["file_mounts"][TOKEN_REMOTE_PATH] == "~/.sslrobust/ray_auth_token"
     assert raw("local")["file_mounts"][TOKEN_REMOTE_PATH] == "~/.sslrobust/ray_auth_token"
+
+
+def test_docs_node_image_section_validates_with_ray():
+    """The `docker:` block docs/cluster.md tells users to add to cluster.yaml passes Ray's validation,
+    and the image it names is built by the Dockerfile through the same install script."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), flags=re.S)]
+    docker = [b["docker"] for b in blocks if isinstance(b, dict) and "docker" in b]
+    assert len(docker) == 1
+    config = raw("aws")
+    config["docker"] = docker[0]
+    config = prepare_config(config)
+    validate_config(config)
+    assert config["docker"]["image"] and "--gpus all" in config["docker"]["run_options"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'RUN bash scripts/install_locked.sh "$VARIANT" /home/ubuntu/sslrobust-venv' in dockerfile
