@@ -261,7 +261,7 @@ def test_nothing_tracking_related_on_a_workers_start_path(which):
 
 
 @pytest.mark.parametrize("which", sorted(CONFIG_FILES))
-def test_mlflow_store_is_restored_before_the_server_and_backed_up_by_cron(which):
+def test_mlflow_store_is_restored_before_the_server_and_backed_up_every_10_minutes(which):
     config = prepared(which)
     start = config["head_start_ray_commands"]
     server = [c for c in start if "mlflow server" in c]
@@ -270,9 +270,10 @@ def test_mlflow_store_is_restored_before_the_server_and_backed_up_by_cron(which)
     assert restore < server[0].index("exec mlflow server")
     backup_uri = '"s3://$SSLROBUST_BUCKET/mlflow-backup/mlflow.db"'
     assert backup_uri in server[0]
-    cron = [c for c in config["head_setup_commands"] if "crontab" in c]
-    assert len(cron) == 1 and "scripts/mlflow_store.py backup $HOME/mlflow/mlflow.db" in cron[0]
-    assert backup_uri in cron[0] and "*/10 * * * *" in cron[0]
+    # the backup loop starts after the server (a new head restores before it can back up)
+    loop = [i for i, c in enumerate(start) if "scripts/mlflow_store.py backup ~/mlflow/mlflow.db" in c]
+    assert len(loop) == 1 and loop[0] > start.index(server[0])
+    assert backup_uri in start[loop[0]] and "while sleep 600" in start[loop[0]]
     assert (REPO / "scripts" / "mlflow_store.py").is_file()
 
 
