@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 VARIANT=${1:-cuda}
 VENV=${2:-$HOME/sslrobust-venv}
 LOCK=requirements/lock-$VARIANT.txt
-UV_VERSION=0.9.5
+UV_VERSION=0.13.9
 PYTHON_VERSION=$(sed -n 's/^# for CPython \([0-9.]*\) .*/\1/p' "$LOCK")
 [ -n "$PYTHON_VERSION" ] || { echo "install_locked.sh: no Python version in $LOCK" >&2; exit 2; }
 
