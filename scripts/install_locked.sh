@@ -24,7 +24,9 @@ if [ -x "$VENV/bin/python" ] &&
   rm -rf "$VENV"
 fi
 [ -x "$VENV/bin/python" ] || uv venv --python "$PYTHON_VERSION" "$VENV"
-uv pip sync --python "$VENV/bin/python" "$LOCK"
+# The CPU lock names PyTorch's CPU index for torch and torchvision; the exact pins make taking each
+# package from whichever index has that version safe (uv's default would look only at the first).
+UV_INDEX_STRATEGY=unsafe-best-match uv pip sync --python "$VENV/bin/python" "$LOCK"
 # setuptools is in the lock: build the project with it instead of fetching a newer one.
 uv pip install --python "$VENV/bin/python" --no-deps --no-build-isolation .
 "$VENV/bin/python" -c 'import sys, platform; v = platform.python_version(); sys.exit(0 if v == sys.argv[1] else f"Python {v}, lock wants {sys.argv[1]}")' "$PYTHON_VERSION"
