@@ -253,8 +253,9 @@ def test_nothing_tracking_related_on_a_workers_start_path(which):
     config = prepared(which)
     worker_path = [*config["setup_commands"], *config["worker_setup_commands"], *config["worker_start_ray_commands"]]
     for command in worker_path:
-        # The one mention allowed: env.sh's default --tracking-uri, a variable nothing on a worker reads.
-        command = command.replace("'export MLFLOW_TRACKING_URI=http://127.0.0.1:5000'", "")
+        # The mentions allowed: env.sh's variables (the default --tracking-uri, where the head backs up
+        # its store), which nothing on a worker reads.
+        command = re.sub(r"'export (MLFLOW_TRACKING_URI|SSLROBUST_MLFLOW_BACKUP)=[^']*'", "", command)
         assert not re.search(r"mlflow|:5000|ssh -N|tunnel", command, flags=re.I), command
     assert config["cluster_synced_files"] == []
     assert "tunnel" not in " ".join(config["head_setup_commands"])
@@ -268,7 +269,8 @@ def test_mlflow_store_is_restored_before_the_server_and_backed_up_every_10_minut
     assert len(server) == 1
     restore = server[0].index("scripts/mlflow_store.py restore ~/mlflow/mlflow.db")
     assert restore < server[0].index("exec mlflow server")
-    backup_uri = '"s3://$SSLROBUST_BUCKET/mlflow-backup/mlflow.db"'
+    backup_uri = '"$SSLROBUST_MLFLOW_BACKUP"'
+    assert "export SSLROBUST_MLFLOW_BACKUP=s3://$SSLROBUST_BUCKET/mlflow-backup/mlflow.db" in env_file_lines(config)
     assert backup_uri in server[0]
     # the backup loop starts after the server (a new head restores before it can back up)
     loop = [i for i, c in enumerate(start) if "scripts/mlflow_store.py backup ~/mlflow/mlflow.db" in c]
