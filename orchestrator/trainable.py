@@ -26,9 +26,9 @@ from trainables.config import resolve
 from trainables.datafiles import DatasetUnavailable
 
 from . import results
+from .setup_watch import SETUP_ERROR
 from .spec import config_hash
 from .tracking import label_free_metric_name, ood_metric_name, result_metric_name
-from .setup_watch import SETUP_ERROR
 from .tracking_service import RemoteTrialTracker
 
 # torch, the trainer, pre-training and the figure are imported inside the trial: the driver imports
