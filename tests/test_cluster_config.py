@@ -515,6 +515,7 @@ def test_docs_node_image_section_validates_with_ray():
     config["docker"] = docker[0]
     config = prepare_config(config)
     validate_config(config)
-    assert config["docker"]["image"] and "--gpus all" in config["docker"]["run_options"]
+    assert config["docker"]["image"] and config["docker"]["worker_run_options"] == ["--gpus all"]
+    assert "--gpus all" not in config["docker"].get("run_options", [])  # the head has no GPU
     dockerfile = (REPO / "Dockerfile").read_text()
     assert 'RUN bash scripts/install_locked.sh "$VARIANT" /home/ubuntu/sslrobust-venv' in dockerfile
