@@ -100,6 +100,8 @@ def test_a_mirror_is_used_even_where_downloads_are_not(tmp_path, monkeypatch):
     """OOD sets are never downloaded (download=False), but a node copies them from the user's mirror."""
     mirror, root = tmp_path / "mirror", tmp_path / "node-data"
     arrays = write_cifar10(mirror, per_batch=4, n_test=6)
+    (root / ".staging-cifar10-0123").mkdir(parents=True)  # a fetch killed half-way, long ago
+    (root / ".staging-cifar10-0123" / "cifar-10-python.tar.gz").write_bytes(b"half")
     with pytest.raises(datafiles.DatasetUnavailable, match="not found and download=False"):
         datafiles.load_arrays("cifar10", False, root, download=False)
     monkeypatch.setenv(datafiles.MIRROR_ENV, str(mirror))

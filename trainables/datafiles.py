@@ -314,6 +314,8 @@ def stage(name: str, train: bool, root: Path):
             found = source.locate()
             if found is not None:  # another process fetched it while this one waited
                 return found
+            for stale in root.glob(f".staging-{name}-*"):  # left by a process killed mid-fetch
+                shutil.rmtree(stale, ignore_errors=True)
             staging = root / f".staging-{name}-{uuid.uuid4().hex}"
             staging.mkdir()
             try:
