@@ -73,8 +73,8 @@ def join_with_the_configs_commands(cluster: LocalRayCluster, home: Path, name: s
 
 @pytest.mark.slow
 def test_worker_joins_without_mlflow_and_a_dataset_failure_is_a_setup_error(tmp_path):
-    """~60 s on a busy 2-core machine: ~15 s for the two nodes, ~5 s for the placement, ~40 s for the
-    study that stops on its set-up error."""
+    """115-170 s on a busy 2-core machine (two nodes, the placement, then a study whose driver, MLflow
+    tracking service and trials start before the set-up error stops it)."""
     empty_mirror = tmp_path / "mirror"
     empty_mirror.mkdir()
     node_env = {MIRROR_ENV: str(empty_mirror), "PYTHONPATH": str(REPO)}

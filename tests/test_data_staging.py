@@ -52,7 +52,7 @@ def leftovers(root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_eight_concurrent_trials_stage_a_dataset_once(tmp_path):
-    """~6 s on a busy 2-core machine."""
+    """~7 s on a busy 2-core machine."""
     mirror, root, log = tmp_path / "mirror", tmp_path / "node-data", tmp_path / "fetches.log"
     arrays = write_cifar10(mirror, per_batch=20, n_test=30)
     env = {**os.environ, datafiles.MIRROR_ENV: str(mirror), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
