@@ -1,10 +1,10 @@
 """SSL pre-training as a shared dependency: trained once per settings, reused by every trial.
 
 The backbone lives at `{storage}/pretrained/{hash}.pt`, keyed by the hash of
-`trainables.train.pretrain_settings`, so later studies reuse it too. A detached Ray actor hands
-out one lease per hash across the whole cluster: the first trial that needs a pre-training trains
-it while the others wait for the file. The holder renews its lease while it trains, so a lease
-whose trial was killed expires and another trial takes over.
+`trainables.train.pretrain_settings`, so later studies reuse it too. A detached Ray actor on the
+head node (never a spot worker) hands out one lease per hash across the whole cluster: the first
+trial that needs a pre-training trains it while the others wait for the file. The holder renews
+its lease while it trains, so a lease whose trial was killed expires and another trial takes over.
 """
 from __future__ import annotations
 
@@ -54,10 +54,21 @@ class PretrainLeases:
         if self.leases.get(key, ("",))[0] == holder:
             del self.leases[key]
 
+    def node_id(self) -> str:
+        """The Ray node this coordinator runs on (the head's)."""
+        return ray.get_runtime_context().get_node_id()
+
+
+# Every Ray head advertises this resource (ray._common.constants.HEAD_NODE_RESOURCE_NAME). The
+# coordinator lives on the head: on a spot worker, a preemption would drop every lease it holds.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
 
 def coordinator():
     return PretrainLeases.options(
-        name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached", get_if_exists=True
+        name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached", get_if_exists=True,
+        resources={HEAD_NODE_RESOURCE: 0.001},
+        scheduling_strategy="DEFAULT",  # not inside the calling trial's placement group
     ).remote()
 
 

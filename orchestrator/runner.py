@@ -517,6 +517,16 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
             pass
         ray.kill(tracking_service)
         raise
+    if watch.trial_setup_error is not None:  # e.g. a dataset a worker could not fetch: stop, one line
+        try:
+            ray.get(tracking_service.end_parent.remote("FAILED"), timeout=60)
+        except Exception:  # noqa: BLE001 - the next invocation marks a parent left RUNNING as KILLED
+            pass
+        ray.kill(tracking_service)
+        if wrote_invocation:  # no trial wrote anything: leave nothing behind
+            fs, path = storage_mod.filesystem_and_path(invocation_dir)
+            fs.delete_dir(path)
+        raise UserError(watch.trial_setup_error)
     setup = watch.wait()
     if "error" in setup:  # SetupWatch stopped every trial before it wrote anything (or none ran)
         if wrote_invocation:  # leave nothing behind

@@ -8,6 +8,9 @@ from ray.tune import Stopper
 
 from .tracking import _one_line
 
+# The metric a trial reports instead of results when its set-up failed (one line for the user).
+SETUP_ERROR = "setup_error"
+
 
 class SetupWatch(Stopper):
     """The driver's side of the service's set-up, checked at every step of the Tune loop without
@@ -19,11 +22,16 @@ class SetupWatch(Stopper):
     def __init__(self, setup_ref, on_ready: Callable[[dict], None]):
         self._ref, self._on_ready = setup_ref, on_ready
         self._setup: dict | None = None
+        self.trial_setup_error: str | None = None  # e.g. a dataset a node could not fetch
 
     def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get(SETUP_ERROR) and self.trial_setup_error is None:
+            self.trial_setup_error = str(result[SETUP_ERROR])
         return False
 
     def stop_all(self) -> bool:
+        if self.trial_setup_error is not None:
+            return True
         if self._setup is None and not ray.wait([self._ref], timeout=0)[0]:
             return False
         return "error" in self.wait()

@@ -23,8 +23,10 @@ import ray
 from ray import tune
 
 from trainables.config import resolve
+from trainables.datafiles import DatasetUnavailable
 
 from . import models_store, results
+from .setup_watch import SETUP_ERROR
 from .spec import config_hash
 from .tracking import label_free_metric_name, ood_metric_name, result_metric_name
 from .tracking_service import RemoteTrialTracker
@@ -180,10 +182,17 @@ def run_trial(params: dict, context: StudyContext) -> None:
                      "tracking_error": "", "reused_result": 1})
         return
     pretrained, pretrained_here = None, False
-    if config["init"] == "ssl_pretrained":
-        pretrained, pretrained_here = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
-                                          data_dir=context.data_dir, log=log)
-    trainer = Trainer(config, data_dir=context.data_dir, pretrained=pretrained)
+    try:
+        if config["init"] == "ssl_pretrained":
+            pretrained, pretrained_here = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
+                                              data_dir=context.data_dir, log=log)
+        trainer = Trainer(config, data_dir=context.data_dir, pretrained=pretrained)
+    except DatasetUnavailable as err:
+        # A set-up error, not a trial failure: retrying cannot help, so the trial ends without an
+        # exception (no retry, nothing counted against max_failures) and the driver stops the study
+        # with this one line (SetupWatch).
+        tune.report({"config_hash": chash, SETUP_ERROR: str(err)})
+        return
     state = _load_checkpoint(log)
     if state is not None:
         trainer.load_state_dict(state["trainer"])

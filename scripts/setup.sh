@@ -20,8 +20,9 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
-# torch and torchvision are pinned in pyproject.toml to the builds pip finds on these machines.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
+# Every version from the lock the cluster nodes install (requirements/lock-cuda.txt, for Python
+# 3.11.7), so the tests run on exactly that environment (tests/test_lock.py checks it).
+.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/lock-cuda.txt -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
 # torchattacks (test-only reference for PGD) pins requests~=2.25.1, which clashes with MLflow: no deps.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "torchattacks==3.5.1" 2> >(grep -v "^WARNING: Location" >&2)
 echo "setup: done (.venv/bin/python)"

@@ -374,7 +374,10 @@ class LocalRayCluster:
     ``kill_node(name)`` kills one node (a fault), leaving the others up.
     """
 
-    def __init__(self, scope: ProcessScope, object_store_mb: int = 150, start_timeout: float = 120.0):
+    def __init__(self, scope: ProcessScope, object_store_mb: int = 150, start_timeout: float = 120.0,
+                 node_env: dict | None = None):
+        """`node_env`: variables every `ray start` gets, and with it every Ray worker process (trials),
+        as env.sh's exports do on a real cluster."""
         self.scope = scope
         self.object_store_mb = object_store_mb
         self.start_timeout = start_timeout
@@ -382,6 +385,7 @@ class LocalRayCluster:
         self.address: str | None = None
         self._auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                       "RAY_USAGE_STATS_ENABLED": "0"}
+        self.node_env = dict(node_env or {})
         self._tmp_cm = short_tmp_dir("srt-ray-")
         self.root: Path | None = None
 
@@ -415,7 +419,7 @@ class LocalRayCluster:
                 raise RuntimeError("start_head() first")
             cmd += [f"--address={self.address}"]
         self.nodes_by_name[name] = node
-        code = self.scope.run(cmd, node.log, timeout=self.start_timeout, tag=name, env=self._auth)
+        code = self.scope.run(cmd, node.log, timeout=self.start_timeout, tag=name, env={**self.node_env, **self._auth})
         if code != 0:
             raise RuntimeError(f"`ray start` for node {name} exited with {code}:\n{tail(node.log)}")
         if head:

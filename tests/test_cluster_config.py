@@ -247,20 +247,36 @@ def test_dashboard_and_mlflow_listen_on_loopback_only(which):
 
 
 @pytest.mark.parametrize("which", sorted(CONFIG_FILES))
-def test_workers_reach_mlflow_through_a_forward_only_tunnel(which):
+def test_nothing_tracking_related_on_a_workers_start_path(which):
+    """Trials never talk to MLflow: a worker joins whether or not MLflow is up (the joining itself,
+    with no MLflow anywhere, is tests/test_cluster_worker_join.py)."""
     config = prepared(which)
-    worker_start = config["worker_start_ray_commands"]
-    tunnel = [i for i, c in enumerate(worker_start) if "-L 127.0.0.1:5000:127.0.0.1:5000" in c]
-    start = [i for i, c in enumerate(worker_start) if re.search(r"\bray start\b", c)]
-    health = [i for i, c in enumerate(worker_start) if "http://127.0.0.1:5000/health" in c]
-    assert len(tunnel) == 1 and len(health) == 1 and len(start) == 1
-    assert tunnel[0] < health[0] < start[0], "tunnel up and checked before the worker joins"
-    assert "$RAY_HEAD_IP" in worker_start[tunnel[0]]
-    assert "~/.sslrobust/tunnel/id_ed25519" in worker_start[tunnel[0]]
+    worker_path = [*config["setup_commands"], *config["worker_setup_commands"], *config["worker_start_ray_commands"]]
+    for command in worker_path:
+        # The mentions allowed: env.sh's variables (the default --tracking-uri, where the head backs up
+        # its store), which nothing on a worker reads.
+        command = re.sub(r"'export (MLFLOW_TRACKING_URI|SSLROBUST_MLFLOW_BACKUP)=[^']*'", "", command)
+        assert not re.search(r"mlflow|:5000|ssh -N|tunnel", command, flags=re.I), command
+    assert config["cluster_synced_files"] == []
+    assert "tunnel" not in " ".join(config["head_setup_commands"])
 
-    keygen = " ".join(config["head_setup_commands"])
-    assert 'restrict,port-forwarding,permitopen="127.0.0.1:5000",command="/bin/false"' in keygen
-    assert config["cluster_synced_files"] == ["~/.sslrobust/tunnel"]
+
+@pytest.mark.parametrize("which", sorted(CONFIG_FILES))
+def test_mlflow_store_is_restored_before_the_server_and_backed_up_every_10_minutes(which):
+    config = prepared(which)
+    start = config["head_start_ray_commands"]
+    server = [c for c in start if "mlflow server" in c]
+    assert len(server) == 1
+    restore = server[0].index("scripts/mlflow_store.py restore ~/mlflow/mlflow.db")
+    assert restore < server[0].index("exec mlflow server")
+    backup_uri = '"$SSLROBUST_MLFLOW_BACKUP"'
+    assert "export SSLROBUST_MLFLOW_BACKUP=s3://$SSLROBUST_BUCKET/mlflow-backup/mlflow.db" in env_file_lines(config)
+    assert backup_uri in server[0]
+    # the backup loop starts after the server (a new head restores before it can back up)
+    loop = [i for i, c in enumerate(start) if "scripts/mlflow_store.py backup ~/mlflow/mlflow.db" in c]
+    assert len(loop) == 1 and loop[0] > start.index(server[0])
+    assert backup_uri in start[loop[0]] and "while sleep 600" in start[loop[0]]
+    assert (REPO / "scripts" / "mlflow_store.py").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,16 +384,35 @@ def test_both_configs_install_the_same_pinned_commit():
     setup = " ".join(aws["setup_commands"])
     assert 'git clone "$SSLROBUST_REPO_URL"' in setup
     assert 'git checkout --quiet --detach "$SSLROBUST_COMMIT"' in setup
-    assert re.search(r"pip install \. ", setup)
-    # the cluster runs the Ray version this project pins
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    pins = [re.fullmatch(r"ray(\[[\w,]+\])?==([\w.]+)", d) for d in pyproject["project"]["dependencies"]]
-    versions = {m.group(2) for m in pins if m}
-    assert len(versions) == 1, "pyproject.toml should pin ray exactly"
-    assert f'"ray[default]=={versions.pop()}"' in setup
+    # one environment on every node: the locked set, through the one install script, after the checkout
+    install = [c for c in aws["setup_commands"] if "install_locked.sh" in c]
+    assert len(install) == 1 and "bash ~/sslrobust/scripts/install_locked.sh cuda ~/sslrobust-venv" in install[0]
+    assert aws["setup_commands"].index(install[0]) > next(
+        i for i, c in enumerate(aws["setup_commands"]) if "git checkout" in c)
+    assert not re.search(r"\bpip install\b|uv venv", setup), "nothing installed outside the lock"
+    assert aws["worker_setup_commands"] == local["worker_setup_commands"] == []
     lines = env_file_lines(aws)
     for name in ("SSLROBUST_BUCKET", "SSLROBUST_REPO_URL", "SSLROBUST_COMMIT", "SSLROBUST_STUDIES_DIR"):
         assert any(line.startswith(f"export {name}=") for line in lines), name
+    assert "export PATH=$HOME/sslrobust-venv/bin:$HOME/.local/bin:$PATH" in lines
+
+
+def test_install_script_pins_the_interpreter_and_syncs_the_lock():
+    from requirements import lockfile
+
+    script = (REPO / "scripts" / "install_locked.sh").read_text()
+    assert re.search(r"^UV_VERSION=\d+\.\d+\.\d+$", script, flags=re.M), "uv pinned to one release"
+    assert 'uv pip sync --python "$VENV/bin/python" "$LOCK"' in script
+    assert "--no-deps" in script
+    for variant, path in lockfile.LOCKS.items():
+        header = re.search(r"^# for CPython (\S+) ", path.read_text(), flags=re.M)
+        assert header and header.group(1) == lockfile.PYTHON_VERSION, variant
+    assert f"FROM ubuntu" in (REPO / "Dockerfile").read_text()
+    assert "scripts/install_locked.sh" in (REPO / "Dockerfile").read_text()
+    # the version the script reads from the lock header is the exact interpreter of the lock
+    out = subprocess.run(["sed", "-n", r"s/^# for CPython \([0-9.]*\) .*/\1/p", str(lockfile.LOCKS["cuda"])],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == lockfile.PYTHON_VERSION
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +493,7 @@ def test_docs_cover_the_workflow():
         "-L 5000:127.0.0.1:5000",
         "aws s3 sync s3://$SSLROBUST_BUCKET/sslrobust/results ./runs/results",
         "python -m orchestrator.report ablation --storage ./runs",
-        "gpu: 0.25",
+        "gpu: 0.5",
         "--max-concurrent",
         "cluster-local.yaml",
     ):
@@ -466,3 +501,21 @@ def test_docs_cover_the_workflow():
     # the token file the docs create is the one cluster.yaml ships
     assert raw("aws")["file_mounts"][TOKEN_REMOTE_PATH] == "~/.sslrobust/ray_auth_token"
     assert raw("local")["file_mounts"][TOKEN_REMOTE_PATH] == "~/.sslrobust/ray_auth_token"
+
+
+def test_docs_node_image_section_validates_with_ray():
+    """The `docker:` block docs/cluster.md tells users to add to cluster.yaml passes Ray's validation,
+    and the image it names is built by the Dockerfile through the same install script."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), flags=re.S)]
+    docker = [b["docker"] for b in blocks if isinstance(b, dict) and "docker" in b]
+    assert len(docker) == 1
+    config = raw("aws")
+    config["docker"] = docker[0]
+    config = prepare_config(config)
+    validate_config(config)
+    assert config["docker"]["image"] and config["docker"]["worker_run_options"] == ["--gpus all"]
+    assert "--gpus all" not in config["docker"].get("run_options", [])  # the head has no GPU
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'RUN bash scripts/install_locked.sh "$VARIANT" /home/ubuntu/sslrobust-venv' in dockerfile

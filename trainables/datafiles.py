@@ -3,14 +3,23 @@
 NumPy only (no torch): the study driver checks that every dataset a study needs is readable before
 any trial starts, without paying for importing torch. `trainables.data` turns the arrays into
 tensors.
+
+Staging: a missing dataset is fetched once per data folder (so once per node) under an exclusive
+file lock, from the mirror named by SSLROBUST_DATA_MIRROR (an s3:// URI or a folder laid out like
+the data folder) when set, else by torchvision from the dataset's home page. Everything is written
+under a temporary name and renamed into place, so no reader ever sees a partial file; the other
+processes wait on the lock and then find the files.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import json
 import math
 import os
 import pickle
+import shutil
 import struct
 import uuid
 from dataclasses import dataclass
@@ -22,6 +31,7 @@ import numpy as np
 from trainables.config import DATASETS, ConfigError, _closest
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+MIRROR_ENV = "SSLROBUST_DATA_MIRROR"
 
 
 class DatasetUnavailable(Exception):
@@ -137,9 +147,11 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
 class _Source:
     locate: Callable[[], object]  # found paths, or None
     read: Callable[[object], tuple[np.ndarray, np.ndarray]]
-    fetch: Callable[[], None]
+    fetch: Callable[[Path], None]  # torchvision's download into the given folder
     looked: list[str]
     how: str
+    # The split's files relative to the data folder, each as its accepted names (first: the mirror's).
+    files: list[tuple[str, ...]]
 
 
 def _idx_pair_in(folder: Path, prefix: str) -> tuple[Path, Path] | None:
@@ -176,9 +188,11 @@ def _source(name: str, train: bool, root: Path) -> _Source:
                 (p for p in (_idx_pair_in(f, prefix) for f in folders) if p is not None), None
             ),
             read=_read_idx_pair,
-            fetch=lambda: getattr(_tv_datasets(), tv_name)(str(root), train=train, download=True),
+            fetch=lambda into: getattr(_tv_datasets(), tv_name)(str(into), train=train, download=True),
             looked=[str(f) for f in folders],
             how=get_it,
+            files=[(f"{tv_name}/raw/{prefix}-{kind}-ubyte.gz", f"{tv_name}/raw/{prefix}-{kind}-ubyte")
+                   for kind in ("images-idx3", "labels-idx1")],
         )
     if name in ("cifar10", "cifar100"):
         if name == "cifar10":
@@ -193,9 +207,10 @@ def _source(name: str, train: bool, root: Path) -> _Source:
         return _Source(
             locate=lambda: paths if all(p.is_file() for p in paths) else None,
             read=lambda found: _read_cifar(found, label_key),
-            fetch=lambda: getattr(_tv_datasets(), tv_name)(str(root), train=train, download=True),
+            fetch=lambda into: getattr(_tv_datasets(), tv_name)(str(into), train=train, download=True),
             looked=[str(folder)],
             how=get_it,
+            files=[(f"{folder.name}/{f}",) for f in files],
         )
     if name == "svhn":
         split = "train" if train else "test"
@@ -203,9 +218,10 @@ def _source(name: str, train: bool, root: Path) -> _Source:
         return _Source(
             locate=lambda: path if path.is_file() else None,
             read=_read_svhn,
-            fetch=lambda: _tv_datasets().SVHN(str(root), split=split, download=True),
+            fetch=lambda into: _tv_datasets().SVHN(str(into), split=split, download=True),
             looked=[str(path)],
             how=get_it,
+            files=[(path.name,)],
         )
     raise AssertionError(name)
 
@@ -215,15 +231,110 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _unavailable(name: str, train: bool, reason: str, source: _Source) -> DatasetUnavailable:
+def _unavailable(name: str, train: bool, reason: str, source: _Source, how: str | None = None) -> DatasetUnavailable:
     split = "train" if train else "test"
     return DatasetUnavailable(
         _one_line(
             f"dataset {name} ({split} split) unavailable: {reason}; "
-            f"looked in {', '.join(source.looked)}; to get it: {source.how}",
+            f"looked in {', '.join(source.looked)}; to get it: {how or source.how}",
             limit=1000,
         )
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging: one fetch per data folder, whatever the number of processes asking at once.
+
+
+@contextlib.contextmanager
+def _folder_lock(root: Path, name: str):
+    """An exclusive lock on <root>/.locks/<name>.lock (fcntl: released by the kernel if the holder
+    dies, so a killed trial never leaves the dataset locked)."""
+    lock_dir = root / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _move_into(staging: Path, root: Path, rel: str) -> None:
+    target = root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging / rel, target)
+
+
+def _fetch_from_mirror(mirror: str, name: str, staging: Path, root: Path) -> None:
+    """Copy both splits' files of `name` from the mirror (same layout as the data folder)."""
+    import pyarrow.fs as pafs  # imported only when staging: the driver's check never needs it
+
+    if "://" in mirror:
+        fs, base = pafs.FileSystem.from_uri(mirror)
+    else:
+        fs, base = pafs.LocalFileSystem(), str(Path(mirror).expanduser().resolve())
+    base = base.rstrip("/")
+    for train in (True, False):
+        for names in _source(name, train, root).files:
+            infos = fs.get_file_info([f"{base}/{n}" for n in names])
+            rel = next((n for n, i in zip(names, infos) if i.type == pafs.FileType.File), None)
+            if rel is None:
+                raise FileNotFoundError(f"the mirror {mirror} has no {' or '.join(names)}")
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{base}/{rel}") as src, open(staging / rel, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 22)
+            _move_into(staging, root, rel)
+
+
+def _fetch_with_torchvision(name: str, staging: Path, root: Path) -> None:
+    """torchvision downloads (and unpacks) into `staging`; each split's files are then renamed into
+    `root` (the archive is left in `staging` and deleted with it)."""
+    for train in (True, False):
+        source = _source(name, train, root)
+        if source.locate() is not None:
+            continue
+        source.fetch(staging)
+        for names in source.files:
+            rel = next((n for n in names if (staging / n).is_file()), None)
+            if rel is None:
+                raise FileNotFoundError(f"torchvision's download has no {' or '.join(names)}")
+            _move_into(staging, root, rel)
+
+
+def stage(name: str, train: bool, root: Path):
+    """Fetch dataset `name` into `root` unless it is there; returns the split's found files.
+    Concurrent callers (trials starting together on one node) wait for a single fetch. Raises
+    DatasetUnavailable (one line) if the fetch fails."""
+    source = _source(name, train, root)
+    mirror = os.environ.get(MIRROR_ENV) or None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(root, name):
+            found = source.locate()
+            if found is not None:  # another process fetched it while this one waited
+                return found
+            for stale in root.glob(f".staging-{name}-*"):  # left by a process killed mid-fetch
+                shutil.rmtree(stale, ignore_errors=True)
+            staging = root / f".staging-{name}-{uuid.uuid4().hex}"
+            staging.mkdir()
+            try:
+                if mirror:
+                    _fetch_from_mirror(mirror, name, staging, root)
+                else:
+                    _fetch_with_torchvision(name, staging, root)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except Exception as e:  # urllib, md5, S3 and disk errors alike: the user needs the same advice
+        if mirror:
+            raise _unavailable(name, train, f"copy from the mirror {mirror} failed ({type(e).__name__}: {_one_line(e)})",
+                               source, how=f"put the dataset's files into {mirror} as they are laid out in a data "
+                                           f"folder (docs/cluster.md), or unset {MIRROR_ENV} to download it") from None
+        raise _unavailable(name, train, f"download failed ({type(e).__name__}: {_one_line(e)})", source) from None
+    found = source.locate()
+    if found is None:
+        raise _unavailable(name, train, "download finished but the files are missing", source)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,18 +418,11 @@ def load_arrays(name: str, train: bool, root: Path, download: bool) -> tuple[np.
     if found is not None and (decoded := _read_decoded(root, name, train, found)) is not None:
         return decoded
     if found is None:
-        if not download:
+        # A mirror is the user's own copy, not a download from the internet: used even when
+        # download=False (OOD sets, which are never downloaded, are staged from it too).
+        if not download and not os.environ.get(MIRROR_ENV):
             raise _unavailable(name, train, "not found and download=False", source)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            source.fetch()
-        except Exception as e:  # urllib, md5 and disk errors alike: the user needs the same advice
-            raise _unavailable(
-                name, train, f"download failed ({type(e).__name__}: {_one_line(e)})", source
-            ) from None
-        found = source.locate()
-        if found is None:
-            raise _unavailable(name, train, "download finished but the files are missing", source)
+        found = stage(name, train, root)
     try:
         images, labels = source.read(found)
     except MemoryError:
