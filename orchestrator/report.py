@@ -1357,12 +1357,14 @@ def build_report(
             f"no results for study '{study}' in {results.study_dir(storage, study)}: "
             "run the study first, or pass the right --storage"
         )
+    replication: list[str] = []
     if expected_hashes is None and spec_text is None:  # a rebuild: the grid of the last invocation
         grid = results.read_grid(storage, study)
         if grid is not None:
             expected_hashes = grid.get("cells") or None
             spec_text = grid.get("spec_text")
             aliases = grid.get("aliases") or None
+            replication = grid.get("replication") or []
     # cells of the grid that are the same experiment are shown under each of their names
     df = results.with_aliases(df, aliases)
     out = Path(out_dir) if out_dir else _default_out_dir(storage, study)
@@ -1377,6 +1379,7 @@ def build_report(
 
     data = prepare(df)
     notes = list(data.notes)
+    notes.extend(replication)  # adaptive replication: seeds per cell and why (orchestrator.replication)
     if aliases:
         notes.append(f"{sum(len(a) for a in aliases.values())} cell(s) of the grid are the same experiment as another "
                      "(e.g. λ = 0 under the 'ce' and 'joint' variants, or any variant at ε_train = 0): each was "

@@ -582,9 +582,10 @@ def grid_path(storage: str, study: str) -> str:
 
 
 def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict[str, dict] | None,
-               aliases: dict[str, list[dict]] | None = None) -> str:
+               aliases: dict[str, list[dict]] | None = None, replication: list[str] | None = None) -> str:
     """Record an invocation's grid (`cells`: config hash -> resolved config; None for a search;
-    `aliases`: config hash -> the configs of other cells that are the same experiment) and its
+    `aliases`: config hash -> the configs of other cells that are the same experiment;
+    `replication`: adaptive replication's lines, seeds per cell and why) and its
     study file's text, atomically, so `python -m orchestrator.report` rebuilds the report of the
     study as it ended, missing cells included. Returns the path."""
     import json
@@ -594,7 +595,7 @@ def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict
     folder = path.rsplit("/", 1)[0]
     tmp = f"{folder}/.{study}.{uuid.uuid4().hex}.tmp"
     data = json.dumps({"study": study, "scale": scale, "spec_text": spec_text, "cells": cells,
-                       "aliases": aliases or {}},
+                       "aliases": aliases or {}, "replication": replication or []},
                       sort_keys=True, default=str).encode()
     try:
         fs.create_dir(folder, recursive=True)

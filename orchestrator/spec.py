@@ -6,6 +6,9 @@ optionally `scales.default`) override parts of it:
     description: one line
     factors: {ssl_weight: [0.0, 0.5, 2.0]}     # grid axes: every combination is a cell
     seeds: [0, 1, 2]                            # every cell runs once per seed
+    # or adaptive replication (orchestrator.replication): seeds 0..min-1 first, then one more
+    # seed at a time for the cells whose interval is still wider than until_ci, up to max
+    # seeds: {min: 3, max: 8, until_ci: 0.02, measure: robust_acc_at_eps_train}
     fixed: {eps_train: 0.1, ...}                # trial config keys (trainables.config.SCHEMA)
     resources: {cpu: 1, gpu: 0}                 # per trial; gpu may be fractional
     search: {...}                               # optional: an Optuna search instead of a grid
@@ -90,6 +93,22 @@ class Trial:
     aliases: list[dict[str, Any]] = field(default_factory=list)
 
 
+REPLICATION_FIELDS = ("min", "max", "until_ci", "measure")
+REPLICATION_MEASURES = ("robust_acc_at_eps_train", "robust_acc_above_eps_train", "clean_acc")
+
+
+@dataclass
+class Replication:
+    """Adaptive replication: every cell gets `min` seeds, then cells whose 95% interval of
+    `measure` (half-width over seeds) is wider than `until_ci` get one more seed a round, up to
+    `max` seeds."""
+
+    min: int
+    max: int
+    until_ci: float
+    measure: str = "robust_acc_at_eps_train"
+
+
 @dataclass
 class StudySpec:
     name: str
@@ -103,6 +122,9 @@ class StudySpec:
     max_failures: int
     search: SearchSpec | None
     text: str = field(repr=False, default="")
+    replication: Replication | None = None
+    # seeds some cells run beyond `seeds` (adaptive replication): cell key -> seeds
+    extra_seeds: dict[str, list[int]] = field(default_factory=dict)
 
     def trials(self) -> list[Trial]:
         """Every cell × seed of the grid (for a search study: the fixed part only, no trials)."""
@@ -111,7 +133,8 @@ class StudySpec:
         names = list(self.factors)
         out: dict[str, Trial] = {}
         for values in itertools.product(*(self.factors[n] for n in names)):
-            for seed in self.seeds:
+            cell = cell_key(dict(zip(names, values)))
+            for seed in self.seeds + [s for s in self.extra_seeds.get(cell, []) if s not in self.seeds]:
                 raw = {**self.fixed, **dict(zip(names, values)), "seed": seed}
                 config = resolve(raw, where=str(self.path))
                 chash = config_hash(config)
@@ -124,7 +147,13 @@ class StudySpec:
         return list(out.values())
 
     def varying(self) -> list[str]:
-        return [n for n, v in self.factors.items() if len(v) > 1] + (["seed"] if len(self.seeds) > 1 else [])
+        several_seeds = len(self.seeds) > 1 or self.replication is not None and self.replication.max > 1
+        return [n for n, v in self.factors.items() if len(v) > 1] + (["seed"] if several_seeds else [])
+
+
+def cell_key(factors: dict[str, Any]) -> str:
+    """A grid cell (its factor values, without the seed) as a string key."""
+    return json.dumps({k: v for k, v in factors.items() if k != "seed"}, sort_keys=True, default=str)
 
 
 def _closest(word: str, options) -> str:
@@ -166,6 +195,27 @@ def _validated_fixed(fixed: Any, where: str) -> dict[str, Any]:
         return {k: check_value(k, v, f"{where} fixed.{k}") for k, v in fixed.items()}
     except ConfigError as err:
         raise UserError(str(err)) from None
+
+
+def _validated_replication(value: dict, where: str) -> Replication:
+    body = _check_fields(value, REPLICATION_FIELDS, f"{where} seeds")
+    example = "e.g. `seeds: {min: 3, max: 8, until_ci: 0.02}`"
+    for key in ("min", "max", "until_ci"):
+        if key not in body:
+            raise UserError(f"{where} seeds: adaptive replication needs '{key}', {example}")
+    low, high, target = body["min"], body["max"], body["until_ci"]
+    for key, number in (("min", low), ("max", high)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise UserError(f"{where} seeds.{key}: expected an integer >= 1, got {number!r}")
+    if high < low:
+        raise UserError(f"{where} seeds: max ({high}) is below min ({low}); {example}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+        raise UserError(f"{where} seeds.until_ci: expected a half-width > 0 (e.g. 0.02), got {target!r}")
+    measure = body.get("measure", REPLICATION_MEASURES[0])
+    if measure not in REPLICATION_MEASURES:
+        raise UserError(f"{where} seeds.measure: unknown measure {measure!r}{_closest(str(measure), REPLICATION_MEASURES)}; "
+                        f"choose one of {', '.join(REPLICATION_MEASURES)}")
+    return Replication(low, high, float(target), measure)
 
 
 def _validated_seeds(seeds: Any, where: str) -> list[int]:
@@ -266,7 +316,12 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
     where = f"{path} ({scale} scale)"
     factors = _validated_factors(merged.get("factors"), where)
     fixed = _validated_fixed(merged.get("fixed"), where)
-    seeds = _validated_seeds(merged.get("seeds", [0]), where)
+    replication = None
+    if isinstance(merged.get("seeds"), dict):
+        replication = _validated_replication(merged["seeds"], where)
+        seeds = list(range(replication.min))
+    else:
+        seeds = _validated_seeds(merged.get("seeds", [0]), where)
     has_grid = any(k in merged for k in ("factors", "seeds", "search")) or \
         any(item.split("=", 1)[0].strip() == "seeds" for item in overrides or [])
     if not has_grid:
@@ -275,7 +330,12 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
     for key, text_value in _parse_overrides(overrides or []):
         if key == "seeds":
             value = parse_cli_value(key, text_value)
-            seeds = _validated_seeds(value if isinstance(value, list) else [value], "--set seeds")
+            if isinstance(value, dict):
+                replication = _validated_replication(value, "--set seeds")
+                seeds = list(range(replication.min))
+            else:
+                replication = None
+                seeds = _validated_seeds(value if isinstance(value, list) else [value], "--set seeds")
             continue
         if key not in SCHEMA:
             raise UserError(f"--set: unknown setting '{key}'{_closest(key, list(SCHEMA) + ['seeds'])}; "
@@ -298,7 +358,11 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
         name=name, path=path, scale=scale, description=description.strip(), factors=factors,
         seeds=seeds, fixed=fixed, resources=_validated_resources(merged.get("resources"), where),
         max_failures=max_failures, search=_validated_search(merged.get("search"), where), text=text,
+        replication=replication,
     )
+    if replication is not None and spec.search is not None:
+        raise UserError(f"{where} seeds: adaptive replication ({{min, max, until_ci}}) is for grids; a search "
+                        f"samples its own trials (give seeds as a list)")
     try:
         trials = spec.trials()
         resolve(spec.fixed, where=where)

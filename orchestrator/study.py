@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
             backfill(spec, args.storage, args.tracking_uri)
             return 0
+        from .replication import run_replicated
         from .runner import RunOptions, run_study
 
-        outcome = run_study(spec, RunOptions(
+        run = run_replicated if spec.replication is not None else run_study
+        outcome = run(spec, RunOptions(
             storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
             max_concurrent=args.max_concurrent, resume=args.resume, dry_run=args.dry_run,
             data_dir=args.data_dir, resources=resources,

@@ -105,12 +105,13 @@ def ood_auroc_table(spec, table) -> str | None:
     return render_columns(lines)
 
 
-def record_grid(spec, trials, storage) -> None:
+def record_grid(spec, trials, storage, replication: list[str] | None = None) -> None:
     """The invocation's grid beside the results (`results.write_grid`): `python -m orchestrator.report`
-    rebuilds the report this invocation ends with, missing cells included."""
+    rebuilds the report this invocation ends with, missing cells (and adaptive replication's seeds
+    per cell) included."""
     results.write_grid(storage, spec.name, spec.scale, spec.text,
                        {t.config_hash: t.config for t in trials} if spec.search is None else None,
-                       grid_aliases(trials))
+                       grid_aliases(trials), replication)
 
 
 def grid_aliases(trials) -> dict[str, list[dict]]:

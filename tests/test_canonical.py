@@ -27,9 +27,9 @@ def test_moot_settings_hash_alike_and_others_do_not():
     assert canonical({**base, "ssl_weight": 0.0, "attack_variant": "ce"})["attack_variant"] == "joint"
 
 
-def _rows(chash, config, robust):
+def _rows(chash, config, robust, study="g"):
     now = dt.datetime.now(dt.timezone.utc)
-    return [dict(study="g", trial_id="t", config_hash=chash, seed=config["seed"], dataset=config["dataset"],
+    return [dict(study=study, trial_id="t", config_hash=chash, seed=config["seed"], dataset=config["dataset"],
                  arch=config["arch"], ssl_task=config["ssl_task"], ssl_weight=config["ssl_weight"],
                  attack_variant=config["attack_variant"], init=config["init"], norm_train=config["norm_train"],
                  eps_train=config["eps_train"], train_attack_steps=config["train_attack_steps"],

@@ -22,7 +22,7 @@ TINY = dict(
 
 
 def write_study(folder, name, factors, seeds=(0,), search=None, **fixed):
-    body = {"description": f"test study {name}", "seeds": list(seeds), "fixed": {**TINY, **fixed},
+    body = {"description": f"test study {name}", "seeds": seeds if isinstance(seeds, dict) else list(seeds), "fixed": {**TINY, **fixed},
             "resources": {"cpu": 1, "gpu": 0}}
     if factors:
         body["factors"] = factors
@@ -331,3 +331,32 @@ def test_cells_without_a_result_are_listed_and_the_rebuilt_report_equals_the_end
     rebuilt = (Path(options.storage) / "rebuilt" / "report.html").read_text()
     generated = re.compile(r"<tr><th>generated</th><td[^>]*>[^<]*</td></tr>")
     assert generated.sub("", rebuilt) == generated.sub("", end_of_study)
+
+
+def test_adaptive_replication_adds_seeds_in_rounds_and_a_rerun_continues(ray_cluster, workspace):
+    """`seeds: {min: 1, max: 2, until_ci: 0.001}`: round 1 runs seed 0 in both cells, round 2 seed 1
+    (one seed has no interval), then max stops both; raising max runs seed 2 only, nothing again."""
+    studies, options = workspace
+
+    def write(maximum):
+        write_study(studies, "adaptive", {"ssl_weight": [0.0, 0.5]}, seeds={"min": 1, "max": maximum, "until_ci": 0.001},
+                    train_subset=128, test_subset=32, epochs=1, eval_eps_linf=[0.0, 0.1])
+
+    write(2)
+    status, text = cli("adaptive", "--storage", options.storage, "--tracking-uri", options.tracking_uri)
+    assert status == 0, text
+    assert "adaptive replication, round 2: one more seed for 2 of 2 cell(s)" in text
+    table = results.load("adaptive", options.storage)
+    assert sorted(table.groupby("ssl_weight")["seed"].apply(lambda s: sorted(set(s))).tolist()) == [[0, 1], [0, 1]]
+    assert text.count("max seeds (2) reached") == 2
+    grid = results.read_grid(options.storage, "adaptive")
+    assert len(grid["replication"]) == 3 and len(grid["cells"]) == 4
+    report = (Path(options.storage) / "reports" / "adaptive" / "report.html").read_text()
+    assert "2 seed(s)" in report
+    write(3)
+    status, text = cli("adaptive", "--storage", options.storage, "--tracking-uri", options.tracking_uri)
+    assert status == 0, text
+    table = results.load("adaptive", options.storage)
+    assert table.groupby("config_hash").ngroups == 6  # seed 2 in each cell; no seed run twice
+    assert sorted(set(table["seed"])) == [0, 1, 2]
+    assert text.count("max seeds (3) reached") == 2
