@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import re
-import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -73,17 +72,9 @@ def save_model(storage: str, study: str, config_hash: str, config: dict, weights
 
 
 def _write_atomic(fs: pafs.FileSystem, dir_path: str, name: str, data: bytes, shown: str) -> None:
-    tmp = f"{dir_path}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
-        fs.create_dir(dir_path, recursive=True)
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, f"{dir_path}/{name}")
+        storage_mod.write_atomic(fs, dir_path, name, data)
     except Exception as exc:
-        try:
-            fs.delete_file(tmp)
-        except Exception:
-            pass
         raise ModelStoreError(f"cannot write kept model {shown}: {_one_line(exc)}") from None
 
 

@@ -43,7 +43,6 @@ import datetime as _dt
 import math
 import numbers
 import re
-import uuid
 from typing import Any
 
 import numpy as np
@@ -52,6 +51,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orchestrator import storage as storage_mod
 from orchestrator.errors import UserError
 
 # --------------------------------------------------------------------------------------------
@@ -370,18 +370,9 @@ def write_encoded(storage: str, study: str, config_hash: str, data: bytes, eval_
     directory = study_dir(storage, study)
     final_uri = f"{directory}/{name}"
     fs, dir_path = _resolve(directory)
-    final = f"{dir_path}/{name}"
-    tmp = f"{dir_path}/.{config_hash}.{uuid.uuid4().hex}.tmp"
     try:
-        fs.create_dir(dir_path, recursive=True)
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, final)
+        storage_mod.write_atomic(fs, dir_path, name, data)
     except Exception as exc:
-        try:
-            fs.delete_file(tmp)
-        except Exception:
-            pass
         raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
     if eval_hash is None:  # the same trial's own file in the earlier layout is replaced by this one
         _, old_dir = _resolve(old_study_dir(storage, study))
@@ -592,21 +583,13 @@ def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict
 
     uri = grid_path(storage, study)
     fs, path = _resolve(uri)
-    folder = path.rsplit("/", 1)[0]
-    tmp = f"{folder}/.{study}.{uuid.uuid4().hex}.tmp"
+    folder, name = path.rsplit("/", 1)
     data = json.dumps({"study": study, "scale": scale, "spec_text": spec_text, "cells": cells,
                        "aliases": aliases or {}, "replication": replication or []},
                       sort_keys=True, default=str).encode()
     try:
-        fs.create_dir(folder, recursive=True)
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)
+        storage_mod.write_atomic(fs, folder, name, data)
     except Exception as exc:
-        try:
-            fs.delete_file(tmp)
-        except Exception:
-            pass
         raise ResultsError(f"cannot write {uri}: {_one_line(exc)}") from None
     return uri
 
