@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable
 
 from . import liveness
 from .metrics import clean_name
-from .tracking_uri import (TrackingError, check_reachable, is_http, one_line, reason, resolve_tracking_uri,  # noqa: F401
+from .tracking_uri import (TrackingError, check_reachable, default_tracking_uri, is_http, one_line, reason,  # noqa: F401
+                           resolve_tracking_uri,
                            run_url, sqlite_path, SERVER_HINT)
 
 ROLE_TAG = "sslrobust.role"
@@ -105,16 +106,17 @@ def client(uri: str):
     doing that at once fail; with the lock the first creates it and the others wait."""
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=uri)
     path = sqlite_path(uri) if uri.lower().startswith("sqlite:") else None
-    if path and uri not in _ready_stores:
-        with open(path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                c._tracking_client.store  # noqa: B018 - opens (creates, migrates) the database
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-        _ready_stores.add(uri)
+    if not path or uri in _ready_stores:
+        return MlflowClient(tracking_uri=uri)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            c = MlflowClient(tracking_uri=uri)
+            c._tracking_client.store  # noqa: B018 - opens (creates, migrates) the database
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _ready_stores.add(uri)
     return c
 
 
