@@ -420,3 +420,12 @@ def trial_table(storage: str, study: str, config_hash: str) -> pd.DataFrame:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return empty_frame()
     return _to_pandas(_read_file(fs, path, f"{directory}/{config_hash}.parquet", study))
+
+
+def row_kinds(frame: pd.DataFrame) -> pd.Series:
+    """`trainables.row_kind.row_kind` of every row of a results table (a Series of kind names)."""
+    from trainables.row_kind import row_kind
+
+    if frame.empty:
+        return pd.Series([], index=frame.index, dtype=object)
+    return pd.Series([row_kind(r) for r in frame.to_dict("records")], index=frame.index, dtype=object)

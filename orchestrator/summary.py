@@ -30,8 +30,9 @@ def robustness_table(spec, table) -> str:
         return "(no results yet)"
     configs = table["config_json"].map(json.loads)
     norm_train = configs.map(lambda c: c["norm_train"])
-    undefended = table["defence"].isna() if "defence" in table.columns else True  # defence_table below
-    adv = table[table["corruption"].isna() & (table["norm"] == norm_train) & undefended].copy()
+    from trainables.row_kind import ROBUSTNESS
+
+    adv = table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == norm_train)].copy()
     if adv.empty:
         return "(no adversarial results)"
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
