@@ -157,3 +157,8 @@ def trial_metrics(config: dict, records: list[dict]) -> list[tuple[str, float, i
         if value == value and name not in names:
             out.append((name, float(value), 0))
     return out
+
+
+def scalar_metrics(records: Iterable[dict]) -> dict[str, float]:
+    """The step-0 metrics of `record_metrics` as {name: value} (robust_acc/<norm>/<ε>, ...)."""
+    return {name: value for name, value, step in record_metrics(records) if step == 0}
