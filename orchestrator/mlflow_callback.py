@@ -13,6 +13,7 @@ failure (its results are in Parquet); the failures are listed at the end with th
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -130,7 +131,8 @@ class StudyTracking(Callback):
 
     def _log_cell_summary(self) -> None:
         """Mean and 95% CI half-width over seeds of robust_acc_at_eps_train and clean_acc per cell
-        (the trial's factors without seed), as metrics of the parent run named ``<metric>/<cell>``."""
+        (the trial's factors without seed), as metrics of the parent run named ``<metric>/<cell>``, e.g.
+        robust_acc_at_eps_train/ssl_weight:0.5 and robust_acc_at_eps_train_ci95/ssl_weight:0.5."""
         from mlflow.entities import Metric
 
         from .report import mean_ci
@@ -144,11 +146,12 @@ class StudyTracking(Callback):
         now = int(time.time() * 1000)
         batch = []
         for cell, values in cells.items():
+            cell = re.sub(r"[^\w.\- :]", "_", cell.replace("=", ":"))  # "=" is not allowed in a metric name
             for key, xs in values.items():
                 mean, half, n = mean_ci(xs)
-                batch.append(Metric(tracking.clean_name(f"{key}/{cell}"), float(mean), now, 0))
+                batch.append(Metric(f"{key}/{cell}", float(mean), now, 0))
                 if half == half:
-                    batch.append(Metric(tracking.clean_name(f"{key}_ci95/{cell}"), float(half), now, 0))
+                    batch.append(Metric(f"{key}_ci95/{cell}", float(half), now, 0))
         if batch:
             tracking.driver_call(self.uri, "log the parent run's summary", lambda: tracking.client(self.uri).log_batch(
                 self.parent_run_id, metrics=batch, synchronous=True))

@@ -364,3 +364,6 @@ def test_backfill_of_a_defended_trial_logs_exactly_what_the_live_callback_logs(s
     names = set(live_run.data.metrics)
     assert {"defended_acc/ssl_reverse/pgd_adaptive/linf/0.1", "robust_acc/linf/0.1", "robust_acc_linf"} <= names
     assert live_run.data.metrics["robust_acc/linf/0.1"] == 0.5  # not the defended 0.4 or 0.7
+    parent = c.get_run(live.parent_run_id)  # a summary per cell (one seed here: no CI half-width)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["robust_acc_at_eps_train/ssl_weight:0.5"] == 0.5
+    assert [a.path for a in c.list_artifacts(live.parent_run_id)] == ["study.yaml"]
