@@ -33,7 +33,6 @@ class ProgressLine(Callback):
         global _active
         self.study, self.varying, self.out = study, list(varying), out
         self.started = time.time()
-        self.finished_at: list[float] = []
         self.latest: dict[str, str] = {}  # run name -> latest robust accuracy text
         self._last = 0.0
         _active = self
@@ -45,21 +44,20 @@ class ProgressLine(Callback):
         factors = trial.config.get("cell") or {k: v for k, v in trial.config.items() if k != "cell"}
         return run_name({k: factors[k] for k in self.varying if k in factors} or factors)
 
-    def line(self, trials: list, note: str = "") -> str:
-        states = [t.status for t in trials]
+    def line(self, trials: list, note: str = "", ending=None) -> str:
+        """The progress line; ``ending``: a trial Tune is finishing (its status is not final yet)."""
+        states = [("TERMINATED" if t is ending else t.status) for t in trials]
         done = sum(s in ("TERMINATED", "ERROR") for s in states)
         running, pending = states.count("RUNNING"), sum(s in ("PENDING", "PAUSED") for s in states)
         text = f"[{self.study}] {done}/{len(trials)} done, {running} running, {pending} pending"
-        if self.finished_at and done < len(trials):
-            per_trial = (self.finished_at[-1] - self.started) / len(self.finished_at)
-            slots = max(1, running)
-            text += f", ETA {_duration(per_trial * (len(trials) - done) / slots)}"
+        if done and done < len(trials):  # the throughput so far, trials running side by side included
+            text += f", ETA {_duration((time.time() - self.started) / done * (len(trials) - done))}"
         elapsed = _duration(time.time() - self.started)
         return f"{text}, {elapsed} elapsed" + (f" | {note}" if note else "")
 
-    def _print(self, trials, note: str = "") -> None:
+    def _print(self, trials, note: str = "", ending=None) -> None:
         self._last = time.time()
-        print(self.line(trials, note), file=self.out, flush=True)
+        print(self.line(trials, note, ending), file=self.out, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get("robust_acc_at_eps_train")
@@ -67,13 +65,11 @@ class ProgressLine(Callback):
             self.latest[self._name(trial)] = f"robust {float(value):.3f} at ε_train"
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.finished_at.append(time.time())
         name = self._name(trial)
-        self._print(trials, f"{name}: {self.latest.get(name, 'done')}")
+        self._print(trials, f"{name}: {self.latest.get(name, 'done')}", ending=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.finished_at.append(time.time())
-        self._print(trials, f"{self._name(trial)}: FAILED")
+        self._print(trials, f"{self._name(trial)}: FAILED", ending=trial)
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if time.time() - self._last >= EVERY_S and trials:

@@ -367,3 +367,20 @@ def test_backfill_of_a_defended_trial_logs_exactly_what_the_live_callback_logs(s
     parent = c.get_run(live.parent_run_id)  # a summary per cell (one seed here: no CI half-width)
     assert parent.info.status == "FINISHED" and parent.data.metrics["robust_acc_at_eps_train/ssl_weight:0.5"] == 0.5
     assert [a.path for a in c.list_artifacts(live.parent_run_id)] == ["study.yaml"]
+
+
+def test_progress_line_counts_the_trial_that_ends_and_shows_its_cell():
+    import io
+    from types import SimpleNamespace
+
+    from orchestrator.progress import ProgressLine
+
+    out = io.StringIO()
+    progress = ProgressLine("s", ["ssl_weight"], out)
+    progress.started -= 600  # ten minutes in
+    trials = [SimpleNamespace(status=s, config={"cell": {"ssl_weight": w, "seed": 0}})
+              for s, w in (("RUNNING", 0.5), ("TERMINATED", 0.0), ("PENDING", 1.0))]
+    progress.on_trial_result(0, trials, trials[0], {"robust_acc_at_eps_train": 0.61})
+    progress.on_trial_complete(0, trials, trials[0])  # Tune marks it TERMINATED only afterwards
+    assert out.getvalue().strip() == ("[s] 2/3 done, 0 running, 1 pending, ETA 5m00s, 10m00s elapsed | "
+                                      "ssl_weight=0.5: robust 0.610 at ε_train")
