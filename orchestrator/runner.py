@@ -43,6 +43,7 @@ class StudyOutcome:
     tracking_errors: list[str] = field(default_factory=list)
     report_path: str | None = None
     parent_run_id: str | None = None
+    experiment_id: str | None = None  # the study's MLflow experiment
     pretrainings: int = 0  # SSL pre-trainings trained by this invocation's trials
     trial_metrics: list[dict] = field(default_factory=list)  # each finished trial's last report
 
@@ -336,9 +337,9 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     if stale:
         print(f"marked {stale} MLflow run(s) left RUNNING by an earlier, interrupted invocation as KILLED",
               file=out)
-    url = tracking.run_url(tracking_uri, tracker.experiment_id)
-    if url:
-        print(f"MLflow: {url}?workflowType=machine_learning", file=out)
+    outcome.experiment_id = tracker.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow: {tracking.trials_view_url(tracking_uri, tracker.experiment_id)}", file=out)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     invocation = {"study": spec.name, "scale": spec.scale, "parent_run_id": tracker.parent_run_id}

@@ -170,3 +170,16 @@ def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | No
     return f"{url}/runs/{run_id}" if run_id else url
 
 
+# The MLflow 3 UI opens in its GenAI view unless the URL (or the browser's last choice) asks for the
+# model-training one (the experiment tag mlflow.experimentKind does not switch it); its runs table
+# nests child runs under a collapsed parent unless the runs are filtered and ordered by something other
+# than their start time. This view lists the study's trial runs by name, curves overlaid in the chart view.
+TRIALS_VIEW = ("runs?workflowType=machine_learning&compareRunsMode=CHART&orderByKey=attributes.run_name&orderByAsc=true"
+               "&searchFilter=tags.%60sslrobust.role%60%20%3D%20%27trial%27")
+
+
+def trials_view_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page (server at ``base``, e.g. http://127.0.0.1:5000) with the study's trial runs."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{TRIALS_VIEW}"
+
+

@@ -7,8 +7,9 @@ overlaid), and stops the UI again.
     .venv/bin/python scripts/mlflow_screenshots.py weight_sweep --tracking-uri sqlite:////tmp/runs/mlflow.db \\
         --out /tmp/screens
 
-Needs `chromium` (Debian: apt-get install chromium). The URLs carry no view parameter: what they
-show is what the experiment's own tags make the UI show.
+Needs `chromium` (Debian: apt-get install chromium). `experiment_plain_link.png` is the experiment's
+plain link (what a fresh browser shows without the view parameter); the others carry
+`workflowType=machine_learning` (orchestrator.tracking_uri.TRIALS_VIEW), the link the study prints.
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
     raise SystemExit(f"mlflow ui at {url} did not answer within {timeout:g} s")
 
 
-def screenshot(browser: str, url: str, path: Path, wait_ms: int) -> None:
+def screenshot(browser: str, url: str, path: Path, wait_ms: int, height: int = 1000) -> None:
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1600,1000", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
+                    f"--window-size=1600,{height}", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     print(f"{path}  <- {url}")
 
 
@@ -81,12 +82,20 @@ def main(argv=None) -> int:
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_healthy(url, proc)
+        from orchestrator.tracking_uri import trials_view_url
+
         base = f"{url}/#/experiments/{experiment.experiment_id}"
-        screenshot(browser, base, out / "experiment.png", args.wait_ms)
-        screenshot(browser, f"{base}/runs", out / "runs_table.png", args.wait_ms)
+        view = "workflowType=machine_learning"
+        screenshot(browser, base, out / "experiment_plain_link.png", args.wait_ms)
+        screenshot(browser, f"{base}/runs?{view}", out / "runs_table.png", args.wait_ms)
+        screenshot(browser, trials_view_url(url, experiment.experiment_id).replace("CHART", "TABLE"),
+                   out / "trial_runs_table.png", args.wait_ms)
         if children:
-            screenshot(browser, f"{base}/runs/{children[0].info.run_id}", out / "one_run.png", args.wait_ms)
-        screenshot(browser, f"{base}/runs?compareRunsMode=CHART", out / "chart_view.png", args.wait_ms)
+            screenshot(browser, f"{base}/runs/{children[0].info.run_id}?{view}", out / "one_run.png", args.wait_ms)
+            screenshot(browser, f"{base}/runs/{children[0].info.run_id}/model-metrics?{view}",
+                       out / "one_run_metrics.png", args.wait_ms)
+        screenshot(browser, trials_view_url(url, experiment.experiment_id), out / "chart_view.png", args.wait_ms,
+                   height=3200)  # tall: the curves come after the per-ε sections
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -97,4 +106,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
