@@ -49,6 +49,11 @@ def encode_weights(state_dict: dict) -> bytes:
     return buffer.getvalue()
 
 
+def file_names(config_hash: str) -> tuple[str, str]:
+    """The kept model's two files: weights, then its JSON."""
+    return config_hash + WEIGHTS_SUFFIX, config_hash + META_SUFFIX
+
+
 def save_model(storage: str, study: str, config_hash: str, config: dict, weights: bytes,
                selected_epoch: int | None = None) -> dict[str, bytes]:
     """Keep a trained model: `weights` (from `encode_weights`, the training epoch

@@ -41,6 +41,7 @@ from scipy.special import stdtrit  # Student t quantiles; scipy.stats costs >1 s
 
 from orchestrator import results
 from orchestrator.errors import UserError
+from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS
 
 CONFIG_COLUMNS: tuple[str, ...] = (
     "dataset",
@@ -243,12 +244,10 @@ def prepare(df: pd.DataFrame) -> StudyData:
         if d[c].dtype == object or str(d[c].dtype) in ("str", "string"):
             d[c] = d[c].astype(object)
     d["seed"] = d["seed"].astype(int)
-    is_cor = d["corruption"].notna()
-    is_ood = d["ood_set"].notna() if "ood_set" in d.columns else pd.Series(False, index=d.index)
-    is_lf = (d["measure"].notna() & ~is_ood) if "measure" in d.columns else pd.Series(False, index=d.index)
+    kinds = results.row_kinds(d)  # trainables.row_kind: the one rule
+    is_cor, is_ood, is_lf = kinds == CORRUPTION, kinds == OOD, kinds == LABEL_FREE
     # rows behind a test-time defence (trainables.defence) have their own figure (plot_defence)
-    is_def = defended_rows(d)
-    adv_raw = d[~is_cor & ~is_ood & ~is_lf & ~is_def].copy()
+    adv_raw = d[kinds == ROBUSTNESS].copy()
     cor_raw = d[is_cor].copy()
     adv_raw["norm"] = adv_raw["norm"].astype(object)
     cor_raw["corruption"] = cor_raw["corruption"].astype(object)
@@ -265,7 +264,7 @@ def prepare(df: pd.DataFrame) -> StudyData:
 
     adv = seed_level(adv_raw, train_keys + list(ADV_EVAL_COLUMNS))
     cor = seed_level(cor_raw, train_keys + list(CORRUPTION_EVAL_COLUMNS))
-    clean = d[~is_def].groupby(train_keys + ["seed"], dropna=False, sort=True)["clean_acc"].mean().reset_index()
+    clean = d[kinds != DEFENDED].groupby(train_keys + ["seed"], dropna=False, sort=True)["clean_acc"].mean().reset_index()
     ood_keys = train_keys + list(OOD_EVAL_COLUMNS)
     ood_raw = d[is_ood].copy()
     if ood_raw.empty:
@@ -898,9 +897,7 @@ def ood_display(table: pd.DataFrame, train_keys: list[str]) -> pd.DataFrame:
 
 def defended_rows(df: pd.DataFrame) -> pd.Series:
     """Rows of a model behind a test-time defence (column `defence` set and not "none")."""
-    if "defence" not in df.columns:
-        return pd.Series(False, index=df.index)
-    return df["defence"].notna() & (df["defence"].astype(object) != "none")
+    return results.row_kinds(df) == DEFENDED
 
 
 def _model_tasks(cfg: dict) -> list[str]:
@@ -916,11 +913,7 @@ def defence_table(df: pd.DataFrame) -> pd.DataFrame:
     are shown, their undefended rows as defence "none"; ε_test = 0 starts both attack curves."""
     if not defended_rows(df).any():
         return pd.DataFrame()
-    d = df[df["norm"].notna() & df["corruption"].isna()].copy()
-    if "ood_set" in d.columns:
-        d = d[d["ood_set"].isna()]
-    if "measure" in d.columns:
-        d = d[d["measure"].isna()]
+    d = df[results.row_kinds(df).isin([ROBUSTNESS, DEFENDED])].copy()
     configs = {h: json.loads(t) for h, t in d.drop_duplicates("config_hash")[["config_hash", "config_json"]].itertuples(index=False)}
     keep = {h for h, c in configs.items() if c.get("defence", "none") != "none"}
     d = d[d["config_hash"].isin(keep)]

@@ -605,3 +605,12 @@ def read_grid(storage: str, study: str) -> dict | None:
     except (FileNotFoundError, OSError, ValueError):
         return None
     return grid if isinstance(grid, dict) else None
+
+
+def row_kinds(frame: pd.DataFrame) -> pd.Series:
+    """`trainables.row_kind.row_kind` of every row of a results table (a Series of kind names)."""
+    from trainables.row_kind import row_kind
+
+    if frame.empty:
+        return pd.Series([], index=frame.index, dtype=object)
+    return pd.Series([row_kind(r) for r in frame.to_dict("records")], index=frame.index, dtype=object)

@@ -33,7 +33,7 @@ class RunOptions:
     dry_run: bool = False
     data_dir: str | None = None
     resources: dict | None = None
-    verbose: int = 1
+    verbose: int = 1  # 2: Tune's own per-trial output instead of the compact progress line
 
 
 @dataclass
@@ -44,6 +44,7 @@ class StudyOutcome:
     tracking_errors: list[str] = field(default_factory=list)
     report_path: str | None = None
     parent_run_id: str | None = None
+    experiment_id: str | None = None  # the study's MLflow experiment
     pretrainings: int = 0  # SSL pre-trainings trained by this invocation's trials
     trial_metrics: list[dict] = field(default_factory=list)  # each finished trial's last report
     missing: list[str] = field(default_factory=list)  # cells of the grid still without a result
@@ -382,56 +383,56 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         if not ray.is_initialized():  # else check_cluster_resources asks the Ray we are part of
             check_local_gpus(resources)
         check_datasets(pending, spec.fixed, options.data_dir)
-    import ray
-
-    from .tracking_service import start_tracking_service
-
     connect_ray(options.address)
     check_cluster_resources(resources, autoscaling=bool(options.address), out=out)
     results.migrate(storage)  # an earlier version's results/study=NAME/ folders, for every reader
 
-    provenance = tracking.provenance_tags()
-    # The service imports MLflow and creates the experiment and the parent run (or reopens it:
-    # --resume) while this process imports Ray Tune and starts the trials, so it starts first;
-    # SetupWatch stops the study if its set-up fails.
-    tracking_service, setup_ref = start_tracking_service(
-        tracking_uri, spec.name,
-        resume_parent_run_id=_read_invocation(restore_path).get("parent_run_id") if restore_path else None,
-        parent_params={"scale": spec.scale, "trials": len(trials), "to_run": len(pending),
-                       "factors": json.dumps(spec.factors), "seeds": json.dumps(spec.seeds),
-                       **{f"fixed.{k}": v for k, v in spec.fixed.items()}},
-        parent_tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage},
-    )
     from ray import tune  # imported after the checks above: a bad input fails in a second or two
 
+    from .mlflow_callback import StudyTracking
+    from .progress import ProgressLine
     from .search import search_setup
-    from .setup_watch import SetupWatch
     from .trainable import StudyContext, run_trial
+    from .trial_setup import TrialSetupWatch
 
+    provenance = tracking.provenance_tags()
+    started = dt.datetime.now()
+    name = os.path.basename(restore_path) if restore_path else f"{spec.name}-{started:%Y%m%d-%H%M%S-%f}"
+    invocation_dir = storage_mod.join(storage, "tune", name)
     context = StudyContext(
         study=spec.name, storage=storage, tracking_uri=tracking_uri, fixed=dict(spec.fixed),
         cpus_per_trial=resources["cpu"], data_dir=options.data_dir, git_sha=provenance.get("sslrobust.git_sha"),
-        provenance=provenance, tracking_service=tracking_service, tracking_setup=setup_ref,
+        provenance=provenance, invocation=name,
     )
+    varying = spec.varying() if spec.search is None else list(spec.search.space)
+    tracker = StudyTracking(
+        tracking_uri, spec.name, storage=storage, invocation=name, context=context, varying=varying,
+        description=_description(spec),
+        spec_text=spec.text, parent_name=f"{spec.name} {started:%Y-%m-%d %H:%M:%S}" + (" (search)" if spec.search else ""),
+        parent_params={"scale": spec.scale, "trials": len(trials), "to_run": len(pending),
+                       **{f"factor.{k}": v for k, v in spec.factors.items() if k in varying},
+                       **({"seeds": spec.seeds} if "seed" in varying else {})},
+        parent_tags={**provenance, "sslrobust.scale": spec.scale, "sslrobust.storage": storage,
+                     "sslrobust.invocation": name},
+        resume_parent_run_id=_read_invocation(restore_path).get("parent_run_id") if restore_path else None,
+    )
+    stale = tracker.set_up()  # raises TrackingError before anything is written
+    if stale:
+        print(f"marked {stale} MLflow run(s) left RUNNING by an earlier, interrupted invocation as KILLED",
+              file=out)
+    outcome.experiment_id = tracker.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow: {tracking.trials_view_url(tracking_uri, tracker.experiment_id)}", file=out)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": resources["cpu"], "gpu": resources["gpu"]})
-    name = os.path.basename(restore_path) if restore_path else f"{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S-%f}"
-    invocation_dir = storage_mod.join(storage, "tune", name)
     # `cells`: what a --resume of this invocation runs (check_resume_grid)
-    invocation = {"study": spec.name, "scale": spec.scale, "cells": [t.config_hash for t in pending]}
-
-    def setup_done(setup: dict) -> None:
-        record_grid(spec, trials, storage)  # a rebuilt report lists the missing cells even if the driver dies
-        if not restore_path:  # what --resume reads to reopen this invocation's parent run
-            _write_invocation(invocation_dir, {**invocation, "parent_run_id": setup["parent_run_id"]})
-        if setup["stale"]:
-            print(f"marked {setup['stale']} MLflow run(s) left RUNNING by an earlier, interrupted invocation "
-                  f"as KILLED", file=out)
-
-    watch = SetupWatch(setup_ref, setup_done)
+    invocation = {"study": spec.name, "scale": spec.scale, "parent_run_id": tracker.parent_run_id,
+                  "cells": [t.config_hash for t in pending]}
+    record_grid(spec, trials, storage)  # a rebuilt report lists the missing cells even if the driver dies
+    setup_watch = TrialSetupWatch()
     use_tune_result_loggers()
+    callbacks = [tracker] if options.verbose >= 2 else [tracker, ProgressLine(spec.name, varying, out)]
     run_config = tune.RunConfig(
-        stop=watch,
         name=name,
         storage_path=storage_mod.join(storage, "tune"),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -439,10 +440,12 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         # any trial when num_to_keep=1, so that the state never names a deleted checkpoint; with
         # two it does so every other checkpoint of a trial. Its own warning advises the same.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        verbose=options.verbose,
+        callbacks=callbacks,
+        stop=setup_watch,
+        # Tune's own per-trial tables only with --tune-output (verbose 2); else the compact ProgressLine
+        verbose=1 if options.verbose >= 2 else 0,
     )
     status = "FINISHED"
-    wrote_invocation = False
     try:
         if restore_path:
             tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
@@ -478,9 +481,8 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                   f"(add values to a factor or seeds to run more)", file=out)
             tuner = None
         if tuner is not None:
-            if not restore_path:
+            if not restore_path:  # what --resume reads to take over this invocation's parent run
                 _write_invocation(invocation_dir, invocation)
-                wrote_invocation = True
             grid = tuner.fit()
             done_before = {t.config_hash for t in trials} - {t.config_hash for t in pending}
             for result in grid:
@@ -504,45 +506,31 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                             f"{result.metrics.get('config_hash')}: objective {', '.join(undefined)} is NaN; "
                             f"recorded as a failed trial of the search")
                 outcome.pretrainings += int((result.metrics or {}).get("pretrained_here", 0))
-                error = (result.metrics or {}).get("tracking_error")
-                if error:
-                    outcome.tracking_errors.append(f"{result.metrics.get('config_hash')}: {error}")
         if outcome.failed:
             status = "FAILED"
     except BaseException as exc:
-        try:  # (a no-op if the set-up failed: there is no parent run)
-            ray.get(tracking_service.end_parent.remote("KILLED" if isinstance(exc, KeyboardInterrupt)
-                                                       else "FAILED"), timeout=60)
-        except Exception:  # noqa: BLE001 - the next invocation marks a parent left RUNNING as KILLED
-            pass
-        ray.kill(tracking_service)
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    if watch.trial_setup_error is not None:  # e.g. a dataset a worker could not fetch: stop, one line
-        try:
-            ray.get(tracking_service.end_parent.remote("FAILED"), timeout=60)
-        except Exception:  # noqa: BLE001 - the next invocation marks a parent left RUNNING as KILLED
-            pass
-        ray.kill(tracking_service)
-        if wrote_invocation:  # no trial wrote anything: leave nothing behind
+    if setup_watch.error is not None:  # e.g. a dataset a worker could not fetch: stop, one line
+        tracker.end("FAILED")
+        if tuner is not None and not restore_path:  # no trial wrote anything: leave nothing behind
             fs, path = storage_mod.filesystem_and_path(invocation_dir)
             fs.delete_dir(path)
-        raise UserError(watch.trial_setup_error)
-    setup = watch.wait()
-    if "error" in setup:  # SetupWatch stopped every trial before it wrote anything (or none ran)
-        if wrote_invocation:  # leave nothing behind
-            fs, path = storage_mod.filesystem_and_path(invocation_dir)
-            fs.delete_dir(path)
-        ray.kill(tracking_service)
-        raise tracking.TrackingError(setup["error"])
-    outcome.parent_run_id = setup["parent_run_id"]
-    outcome.tracking_errors.extend(ray.get(tracking_service.drain.remote()))
-    error = ray.get(tracking_service.end_parent.remote(status))
-    if error:  # e.g. the server went away: results are in Parquet
-        outcome.tracking_errors.append(f"parent run {outcome.parent_run_id}: {error}")
-    try:
-        outcome.report_path = finish_study(
-            spec, storage, tracking_uri, trials, outcome, out,
-            log_report=lambda paths, folder: ray.get(tracking_service.log_report.remote(paths, folder)))
-    finally:
-        ray.kill(tracking_service)
+        raise UserError(setup_watch.error)
+    outcome.parent_run_id = tracker.parent_run_id
+    tracker.end(status)
+    outcome.tracking_errors.extend(tracker.errors())
+    outcome.report_path = finish_study(spec, storage, tracking_uri, trials, outcome, out, log_report=tracker.log_report)
     return outcome
+
+
+def _description(spec: StudySpec) -> str:
+    """The MLflow note of the experiment and the parent run: what the study is and varies."""
+    varying = spec.varying()
+    text = " ".join(str(spec.description or spec.name).split())
+    grid = "; ".join(f"{k} in {spec.factors[k]}" for k in varying if k in spec.factors)
+    if "seed" in varying:
+        grid += ("; " if grid else "") + f"seeds {spec.seeds}"
+    return (f"{text}\n\nVaries: {grid or 'nothing'}. Each child run is one trial, named by its factors. "
+            f"Curves: robust_acc_<norm> is robust accuracy with step = round(ε·10^4) (ε=0.1 at step 1000); "
+            f"robust_acc/<norm>/<ε> are the same points as scalars.")

@@ -53,7 +53,8 @@ def search_setup(spec: StudySpec, context, storage: str, max_concurrent: int | N
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from .trainable import summary_metrics, trial_config
+    from .metrics import summary_metrics
+    from .trainable import trial_config
 
     space = {
         key: (tune.loguniform if rng.get("log") else tune.uniform)(float(rng["low"]), float(rng["high"]))

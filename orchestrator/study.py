@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "this study from its checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="print the trials the grid expands to "
                         "(and which are done); run nothing")
+    parser.add_argument("--tune-output", action="store_true", help="show Ray Tune's own per-trial "
+                        "status tables instead of the compact progress line")
     parser.add_argument("--backfill-tracking", action="store_true", help="log results that exist in "
                         "Parquet but not in MLflow (after a tracking outage); train nothing")
 
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(spec, RunOptions(
             storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
             max_concurrent=args.max_concurrent, resume=args.resume, dry_run=args.dry_run,
-            data_dir=args.data_dir, resources=resources,
-        ), out=sys.stdout)  # the stdout of now, not of import time (Tune pickles the stopper that prints)
+            data_dir=args.data_dir, resources=resources, verbose=2 if args.tune_output else 1,
+        ), out=sys.stdout)  # the stdout of now, not of import time (Tune pickles what prints)
         return 1 if outcome.failed or outcome.missing else 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

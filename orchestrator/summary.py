@@ -30,8 +30,9 @@ def robustness_table(spec, table) -> str:
         return "(no results yet)"
     configs = table["config_json"].map(json.loads)
     norm_train = configs.map(lambda c: c["norm_train"])
-    undefended = table["defence"].isna() if "defence" in table.columns else True  # defence_table below
-    adv = table[table["corruption"].isna() & (table["norm"] == norm_train) & undefended].copy()
+    from trainables.row_kind import ROBUSTNESS
+
+    adv = table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == norm_train)].copy()
     if adv.empty:
         return "(no adversarial results)"
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
@@ -183,7 +184,13 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
           f"'{storage}'))", file=out)
     if report_path:
         print(f"report:   {report_path}", file=out)
-    print(f"MLflow:   mlflow ui --backend-store-uri {tracking_uri}  (then open http://127.0.0.1:5000)"
-          if tracking_uri.startswith(("sqlite", "postgresql", "mysql"))
-          else f"MLflow:   {tracking_uri}", file=out)
+    from .tracking_uri import trials_view_url
+
+    experiment = getattr(outcome, "experiment_id", None)
+    if tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow:   {trials_view_url(tracking_uri, experiment) if experiment else tracking_uri}", file=out)
+    else:
+        print(f"MLflow:   mlflow ui --backend-store-uri {tracking_uri}  (then open "
+              f"{trials_view_url('http://127.0.0.1:5000', experiment) if experiment else 'http://127.0.0.1:5000'})",
+              file=out)
     return report_path

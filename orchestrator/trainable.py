@@ -1,10 +1,10 @@
 """The Ray Tune function trainable: one trial = train one configuration, evaluate it, record it.
 
 It is a thin layer over `trainables`: it restores from `tune.get_checkpoint()`, reports every epoch
-with a checkpoint (the last one together with the results), writes the trial's Parquet file, and
-has the study's tracking service record it as an MLflow child run. Tracking failures never fail
-the science: the Parquet file is written regardless and the missing tracking is reported by the
-driver at the end.
+with a checkpoint (the last one together with the results and the path of the trial's Parquet
+file). It never imports MLflow: the driver's tracking callback (orchestrator.mlflow_callback)
+records what it reports. A cell is trained by one trial at a time across invocations
+(orchestrator.cell_lease).
 """
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ import json
 import os
 import re
 import tempfile
-import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import ray
 from ray import tune
@@ -25,11 +23,11 @@ from ray import tune
 from trainables.config import resolve
 from trainables.datafiles import DatasetUnavailable
 
-from . import models_store, results
-from .setup_watch import SETUP_ERROR
+from . import models_store, results, run_id_file
+from .cell_lease import CellLease
+from .metrics import summary_metrics
+from .trial_setup import SETUP_ERROR
 from .spec import config_hash
-from .tracking import label_free_metric_name, ood_metric_name, result_metric_name
-from .tracking_service import RemoteTrialTracker
 
 # torch, the trainer, pre-training and the figure are imported inside the trial: the driver imports
 # this module only to hand `run_trial` to Ray, and importing torch there costs it more than a second.
@@ -50,8 +48,7 @@ class StudyContext:
     data_dir: str | None = None
     git_sha: str | None = None
     provenance: dict | None = None
-    tracking_service: Any = None  # the TrackingService actor handle; None: trials are not tracked
-    tracking_setup: Any = None  # the ObjectRef of the service's set-up result
+    invocation: str = ""  # the Tune experiment's name (its folder under {storage}/tune)
 
 
 def trial_config(params: dict, context: StudyContext) -> dict:
@@ -59,61 +56,6 @@ def trial_config(params: dict, context: StudyContext) -> dict:
     `params["cell"]`, or the keys a search sampled."""
     sampled = {k: v for k, v in params.items() if k != "cell"}
     return resolve({**context.fixed, **params.get("cell", {}), **sampled})
-
-
-def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
-    """The numbers a search optimises and the progress table shows (OOD and label-free measure
-    rows ignored)."""
-    kept = [r for r in records if not _is_ood(r) and not _is_label_free(r) and not _is_defended(r)]
-    adversarial = [r for r in kept if r["corruption"] is None and r["norm"] == config["norm_train"]]
-    clean = (kept or records)[0]["clean_acc"] if records else float("nan")  # on every row
-    above = [r["robust_acc"] for r in adversarial if r["eps_test"] >= config["eps_train"] - 1e-12]
-    at = [r["robust_acc"] for r in adversarial if abs(r["eps_test"] - config["eps_train"]) < 1e-12]
-    return {
-        "clean_acc": clean,
-        "robust_acc_above_eps_train": sum(above) / len(above) if above else float("nan"),
-        "robust_acc_at_eps_train": at[0] if at else float("nan"),
-    }
-
-
-def _is_ood(record: dict) -> bool:
-    value = record.get("ood_set")
-    return value is not None and value == value  # None or NaN (pandas) means not an OOD row
-
-
-def _is_defended(record: dict) -> bool:
-    """A row of the model behind a test-time defence (trainables.defence); null/"none": undefended."""
-    value = record.get("defence")
-    return value is not None and value == value and value != "none"
-
-
-def defended_metric_name(record: dict) -> str:
-    """``defended_acc/<defence>/<attack>/<norm>/<eps>``, e.g. defended_acc/ssl_reverse/pgd_adaptive/linf/0.1."""
-    plain = result_metric_name(record["norm"], record["eps_test"], None, None)  # robust_acc/<norm>/<eps>
-    return f"defended_acc/{record['defence']}/{record['attack']}/" + plain.split("/", 1)[1]
-
-
-def _is_label_free(record: dict) -> bool:
-    """A label-free measure row: a measure without an OOD set (trainables.label_free)."""
-    value = record.get("measure")
-    return value is not None and value == value and not _is_ood(record)
-
-
-def result_metrics(records: list[dict]) -> dict[str, float]:
-    """The MLflow metrics of a trial's records: robust_acc/<norm>/<eps>,
-    corruption_acc/<corruption>/<severity>, ood/<set>/<score>/<measure>, label_free/<measure>,
-    label_free/<measure>/<ε> (center smoothing) and certified_acc/<radius>."""
-    metrics = {}
-    for r in records:
-        if _is_ood(r):
-            metrics[ood_metric_name(r["ood_set"], r["score"], r["measure"])] = r["value"]
-        elif _is_label_free(r):
-            metrics[label_free_metric_name(r["measure"], r.get("radius"))] = r["value"]
-        elif _is_defended(r):
-            metrics[defended_metric_name(r)] = r["robust_acc"]
-        else:
-            metrics[result_metric_name(r["norm"], r["eps_test"], r["corruption"], r["severity"])] = r["robust_acc"]
-    return metrics
 
 
 def trial_rows(context: StudyContext, config: dict, chash: str, trial_id: str, records: list[dict],
@@ -160,11 +102,6 @@ def _load_error(err: Exception) -> str:
 def run_trial(params: dict, context: StudyContext) -> None:
     import torch
 
-    from trainables.train import Trainer
-
-    from .pretrain import ensure_pretrained
-    from .trial_plot import trial_curve_svg
-
     _collect_garbage()  # what is alive now (modules, caches) lives on: keep the collector off it
     log = lambda message: print(f"[{context.study}] {message}", flush=True)  # noqa: E731
     config = trial_config(params, context)
@@ -173,24 +110,44 @@ def run_trial(params: dict, context: StudyContext) -> None:
     trial_id = tune.get_context().get_trial_id() or chash
     node_id = ray.get_runtime_context().get_node_id()
 
-    existing = results.trial_table(context.storage, context.study, chash)
-    if len(existing):
-        # Another trial (a search's repeated sample, a retry after the write) already has this result.
+    def reuse(why: str) -> None:
+        existing = results.trial_table(context.storage, context.study, chash)
         records = existing.astype(object).where(existing.notna(), None).to_dict("records")
-        log(f"trial {chash} already has results in {context.storage}; not training it again")
+        log(f"trial {chash} {why} in {context.storage}; not training it again")
         tune.report({**summary_metrics(config, records), "config_hash": chash, "pretrained_here": 0,
-                     "tracking_error": "", "reused_result": 1})
-        return
+                     "reused_result": 1})
+
+    if chash in results.completed_hashes(context.storage, context.study):
+        # Another trial (a search's repeated sample, a retry after the write) already has this result.
+        return reuse("already has results")
+    lease = CellLease(context.storage, context.study, chash)
+    if not lease.acquire(log):
+        return reuse("was trained by another invocation; its results are")
+    try:
+        _train_and_record(context, config, chash, trial_id, node_id, lease, log)
+    finally:
+        lease.release()
+    _collect_garbage()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train_and_record(context: StudyContext, config: dict, chash: str, trial_id: str, node_id: str,
+                      lease: CellLease, log) -> None:
+    from trainables.train import Trainer
+
+    from .pretrain import ensure_pretrained
+
     pretrained, pretrained_here = None, False
     try:
         if config["init"] == "ssl_pretrained":
             pretrained, pretrained_here = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
-                                              data_dir=context.data_dir, log=log)
+                                                            data_dir=context.data_dir, log=log)
         trainer = Trainer(config, data_dir=context.data_dir, pretrained=pretrained)
     except DatasetUnavailable as err:
         # A set-up error, not a trial failure: retrying cannot help, so the trial ends without an
         # exception (no retry, nothing counted against max_failures) and the driver stops the study
-        # with this one line (SetupWatch).
+        # with this one line (orchestrator.trial_setup).
         tune.report({"config_hash": chash, SETUP_ERROR: str(err)})
         return
     state = _load_checkpoint(log)
@@ -198,60 +155,33 @@ def run_trial(params: dict, context: StudyContext) -> None:
         trainer.load_state_dict(state["trainer"])
         log(f"trial {chash} resumes after epoch {trainer.epoch}")
 
-    tracker = None
-    if context.tracking_service is not None:
-        tracker = RemoteTrialTracker(context.tracking_service, context.tracking_setup, chash,
-                                     run_name=f"{context.study}-{chash[:8]}", attempt=f"{trial_id}-{uuid.uuid4().hex}")
-        tracker.start(
-            params=config,
-            tags={**(context.provenance or {}), "sslrobust.study": context.study, "sslrobust.node_id": node_id},
-        )
-
     last_epoch: dict = {}
     for metrics in trainer.epochs():
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+        lease.renew()
         if trainer.done:  # the last epoch is reported, with its checkpoint, together with the results
             last_epoch = metrics
             break
-        if tracker is not None and tracker.setup_failed():
-            return  # the driver stops the study with the set-up's one-line error: write nothing
         with _checkpoint(trainer, chash) as checkpoint:
             tune.report({**metrics, "config_hash": chash}, checkpoint=checkpoint)
 
     records = trainer.evaluate()
-    if tracker is not None and tracker.setup_failed():
-        return
     # Kept, so a stronger attack later needs no retraining (orchestrator.evaluate): the weights
     # that were evaluated (checkpoint_selection), from epoch trainer.selected_epoch.
     selected, _ = trainer.selected_model()
-    model_files = models_store.save_model(context.storage, context.study, chash, config,
-                                          models_store.encode_weights(selected.state_dict()),
-                                          selected_epoch=trainer.selected_epoch)
-    run_id = tracker.run_id if tracker is not None else None  # created during training: no wait
+    models_store.save_model(context.storage, context.study, chash, config,
+                            models_store.encode_weights(selected.state_dict()),
+                            selected_epoch=trainer.selected_epoch)
+    run_id = run_id_file.read(context.storage, context.invocation, trial_id)  # written as the trial started
     rows = trial_rows(context, config, chash, trial_id, records, node_id, run_id, trainer.selected_epoch)
-    summary = summary_metrics(config, records)
-    encoded = results.encode_trial(context.study, chash, rows)
-    parquet_path = results.write_encoded(context.storage, context.study, chash, encoded)
-    if tracker is not None:
-        tracker.log_result_metrics({**result_metrics(records), **summary, "selected_epoch": trainer.selected_epoch})
-        tracker.log_artifact_content("robust_accuracy_curve.svg", trial_curve_svg(records, config).encode())
-        tracker.log_artifact_content(f"{chash}.parquet", encoded)
-        for name, content in model_files.items():  # the kept model: weights and config
-            tracker.log_artifact_content(name, content)
-        tracker.finish("FINISHED")
-    tracking_error = tracker.error if tracker is not None and not tracker.ok else ""
+    parquet_path = results.write_trial(context.storage, context.study, chash, rows)
     with _checkpoint(trainer, chash) as checkpoint:
         tune.report({
-            **last_epoch, **summary, "epoch": trainer.epoch, "config_hash": chash, "parquet": parquet_path,
-            "mlflow_run_id": run_id or "", "tracking_error": tracking_error or "",
-            "pretrained_here": int(pretrained_here), "selected_epoch": trainer.selected_epoch,
+            **last_epoch, **summary_metrics(config, records), "epoch": trainer.epoch, "config_hash": chash,
+            "parquet": parquet_path, "mlflow_run_id": run_id or "", "pretrained_here": int(pretrained_here),
+            "selected_epoch": trainer.selected_epoch,
         }, checkpoint=checkpoint)
     # Reused actors run the next trial in this process: leave nothing of this one behind.
     del trainer, pretrained
-    _collect_garbage()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from orchestrator import results
-from orchestrator.trainable import defended_metric_name, result_metrics, summary_metrics
+from orchestrator.metrics import defended_metric_name, scalar_metrics as result_metrics, summary_metrics
 from trainables.config import ConfigError, resolve
 from trainables.data import dataset_info
 from trainables.defence import adaptive_objective, defence_task, ssl_reverse

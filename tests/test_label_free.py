@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import stats
 
-from orchestrator import report, results, tracking
+from orchestrator import report, results, metrics as metrics_mod
 from trainables import label_free as lf
 from trainables import smoothing
 from trainables.config import ConfigError, resolve
@@ -228,7 +228,7 @@ def test_label_free_records_of_a_short_run():
     assert got["certified_acc", 0.5]["value"] <= got["certified_acc", 0.0]["value"]
     assert got["repr_distance_untargeted", None]["value"] > 0
 
-    from orchestrator.trainable import result_metrics, summary_metrics
+    from orchestrator.metrics import scalar_metrics as result_metrics, summary_metrics
 
     metrics = result_metrics(records)
     assert metrics["label_free/breakaway_risk"] == got["breakaway_risk", None]["value"]
@@ -282,11 +282,11 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
     with pytest.raises(results.ResultsError, match="duplicate"):
         results.write_trial(storage, "s", "h0", rows + rows[-1:])
 
-    assert tracking.label_free_metric_name("certified_acc", 0.25) == "certified_acc/0.25"
-    assert tracking.label_free_metric_name("overlap_risk") == "label_free/overlap_risk"
+    assert metrics_mod.label_free_metric_name("certified_acc", 0.25) == "certified_acc/0.25"
+    assert metrics_mod.label_free_metric_name("overlap_risk") == "label_free/overlap_risk"
     with pytest.raises(ValueError):
-        tracking.label_free_metric_name("certified_acc")
-    metrics = tracking.metrics_from_rows(rows)
+        metrics_mod.label_free_metric_name("certified_acc")
+    metrics = metrics_mod.scalar_metrics(rows)
     assert metrics["certified_acc/0.5"] == pytest.approx(0.3) and metrics["label_free/breakaway_risk"] == 0.2
     assert metrics["robust_acc/linf/0.1"] == 0.5
     assert metrics["label_free/center_smoothing_bound/0.05"] == pytest.approx(0.6)

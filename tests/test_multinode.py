@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator import results
 from orchestrator.spec import load_study
-from orchestrator.tracking import result_metric_name
+from orchestrator.metrics import result_metric_name
 from tests.cluster_helpers import LocalRayCluster, MlflowServer, ProcessScope, tail
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="cluster_helpers reads /proc (Linux)")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import report, results, tracking
+from orchestrator import report, results, metrics as metrics_mod
 from orchestrator.results import ResultsError
 from trainables import ood
 from trainables.config import ConfigError, resolve
@@ -194,14 +194,14 @@ def test_files_written_before_the_new_columns_still_load(tmp_path):
 
 
 def test_tracking_names_for_ood_rows():
-    assert tracking.ood_metric_name("gaussian", "rotation", "auroc") == "ood/gaussian/rotation/auroc"
+    assert metrics_mod.ood_metric_name("gaussian", "rotation", "auroc") == "ood/gaussian/rotation/auroc"
     with pytest.raises(ValueError):
-        tracking.ood_metric_name("gaussian", None, "auroc")
-    metrics = tracking.metrics_from_rows(_rows())
+        metrics_mod.ood_metric_name("gaussian", None, "auroc")
+    metrics = metrics_mod.scalar_metrics(_rows())
     assert metrics["ood/blobs/rotation/auroc"] == pytest.approx(0.925)
     assert metrics["robust_acc/linf/0"] == pytest.approx(0.8) and metrics["clean_acc"] == pytest.approx(0.8)
 
-    from orchestrator.trainable import result_metrics, summary_metrics
+    from orchestrator.metrics import scalar_metrics as result_metrics, summary_metrics
 
     records = [{k: r.get(k) for k in ("norm", "eps_test", "corruption", "severity", "robust_acc", "clean_acc",
                                       "ood_set", "score", "measure", "value")} for r in _rows()]

@@ -81,7 +81,7 @@ def test_grid_study_end_to_end_then_rerun_and_extend(ray_cluster, workspace):
             table[(table.config_hash == chash) & (table.eps_test == 0.1)]["robust_acc"].iloc[0])
         assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 2  # one per epoch
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert "robust_accuracy_curve.svg" in artifacts and f"{chash}.parquet" in artifacts
+        assert "robust_accuracy_curve.png" in artifacts and f"{chash}.parquet" in artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert "report/report.html" in parent_artifacts
     # Tune's own result files are there for each trial; its TensorBoard files are not (runner.tune_loggers).
@@ -200,7 +200,7 @@ def test_reused_worker_leaks_no_state_between_trials(ray_cluster, workspace):
 
 
 def test_a_study_whose_mlflow_setup_fails_stops_with_one_line_and_writes_nothing(ray_cluster, workspace):
-    # The tracking service sets the study up while the trials start; a deleted experiment fails it.
+    # The tracking callback sets the study up before any trial starts; a deleted experiment fails it.
     studies, options = workspace
     write_study(studies, "nosetup", {"ssl_weight": [0.0, 0.5]}, epochs=1)
     client = MlflowClient(options.tracking_uri)

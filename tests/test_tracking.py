@@ -1,21 +1,17 @@
-"""Tests for orchestrator.tracking against real MLflow: sqlite stores in tmp_path and real
-`mlflow server` subprocesses (started by fixtures, always stopped)."""
+"""Tests for the MLflow store layer (orchestrator.tracking, tracking_uri, metrics, liveness) and the
+driver-side tracking callback, against real sqlite stores in tmp_path."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from orchestrator import tracking as tr
 from orchestrator.errors import UserError
-from orchestrator.tracking import TrackingError, TrialTracker
+from orchestrator.tracking import TrackingError
 
 mlflow_client = pytest.importorskip("mlflow.tracking")
 
@@ -28,78 +24,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, workdir: Path, port: int | None = None):
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.db = workdir / "mlflow.db"
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60.0) -> "Server":
-        cmd = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}",
-        ]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not come up:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        """Stop the server's process group (the server, uvicorn and its job runner)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
-            except ProcessLookupError:
-                pass
-        # uvicorn children may outlive the leader for a moment: kill what is left of the group.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc = None
-
-
-@pytest.fixture(scope="module")
-def _module_server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow-server"))
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def server(_module_server):
-    """One live server per module (starting one takes 10-20 s); a test that kills it (the last one
-    in this file) leaves it to be restarted by whichever test needs it next."""
-    if _module_server.proc is None or _module_server.proc.poll() is not None:
-        _module_server.stop()
-        _module_server.start()
-    return _module_server
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +99,6 @@ def test_flatten_params_and_metric_names():
     assert flat["bad key_"] == "1"
     assert all(isinstance(v, str) for v in flat.values())
 
-    assert tr.result_metric_name("linf", 0.1, None, None) == "robust_acc/linf/0.1"
-    assert tr.result_metric_name("linf", 8 / 255, None, None) == "robust_acc/linf/0.0314"
-    assert tr.result_metric_name("linf", 0.025, None, None) == "robust_acc/linf/0.025"
-    assert tr.result_metric_name("l2", 1.0, None, None) == "robust_acc/l2/1"
-    assert tr.result_metric_name("linf", 0.0, None, None) == "robust_acc/linf/0"
-    assert tr.result_metric_name(None, None, "gaussian_noise", 3) == "corruption_acc/gaussian_noise/3"
-    assert tr.result_metric_name(None, None, None, None) == "clean_acc"
-    eps = [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255]
-    assert len({tr.result_metric_name("linf", e, None, None) for e in eps}) == len(eps)
 
     tags = tr.provenance_tags()
     assert tags["sslrobust.git_sha"]
@@ -236,134 +151,6 @@ def test_driver_calls_against_dead_server_raise_fast():
     assert "\n" not in str(err.value) and "connection refused" in str(err.value)
 
 
-# ------------------------------------------------------------------------------------------
-# real stores
-# ------------------------------------------------------------------------------------------
-
-def run_study(uri, tmp_path, study="study-a"):
-    exp = tr.study_experiment(uri, study)
-    assert tr.study_experiment(uri, study) == exp
-    parent = tr.start_parent_run(uri, exp, study, {"trials": 2, "grid": [1, 2]}, {"sslrobust.note": "x"})
-    trackers = []
-    for i, h in enumerate(["hash0", "hash1"]):
-        t = TrialTracker(uri, exp, parent, h, f"trial_{i}")
-        rid = t.start({**CONFIG, "seed": i}, {"sslrobust.trial_id": str(i)})
-        assert rid and t.ok and not t.reused, t.error
-        for step in range(3):
-            t.log_metrics({"loss": 1.0 / (step + 1), "train_acc": 0.5 + 0.1 * step}, step=step)
-        t.log_result_metrics({
-            tr.result_metric_name("linf", 0.1, None, None): 0.4 + i / 10,
-            tr.result_metric_name("linf", 8 / 255, None, None): 0.6,
-            tr.result_metric_name(None, None, "gaussian_noise", 3): 0.7,
-        })
-        art = tmp_path / f"curve{i}.json"
-        art.write_text("{}")
-        t.log_artifact(str(art), "plots")
-        t.set_tags({"sslrobust.done": True})
-        t.finish()
-        assert t.ok and not t.warnings, (t.error, t.warnings)
-        trackers.append(t)
-    tr.end_run(uri, parent)
-    return exp, parent, trackers
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "server"])
-def test_parent_and_two_trials(backend, request, tmp_path):
-    if backend == "server":
-        uri = request.getfixturevalue("server").uri
-        tr.check_reachable(uri)
-    else:
-        uri = request.getfixturevalue("sqlite_uri")
-        tr.check_reachable(uri)
-    exp, parent, trackers = run_study(uri, tmp_path)
-    c = client(uri)
-    p = c.get_run(parent)
-    assert p.info.status == "FINISHED"
-    assert p.data.tags["sslrobust.role"] == "parent" and p.data.tags["sslrobust.study"] == "study-a"
-    assert p.data.tags["sslrobust.note"] == "x" and "sslrobust.git_sha" in p.data.tags
-    assert p.data.params == {"trials": "2", "grid": "1,2"}
-    assert p.info.run_name.startswith("study-a ")
-    kids = children(uri, exp, parent)
-    assert sorted(r.data.tags["sslrobust.config_hash"] for r in kids) == ["hash0", "hash1"]
-    for r in kids:
-        i = int(r.data.tags["sslrobust.trial_id"])
-        assert r.info.status == "FINISHED" and r.info.end_time
-        assert r.info.run_name == f"trial_{i}"
-        assert r.data.tags["sslrobust.role"] == "trial" and r.data.tags["sslrobust.done"] == "True"
-        assert r.data.params["seed"] == str(i) and r.data.params["eval_norms"] == "linf"
-        assert r.data.params["train_subset"] == "None"
-        assert [m.step for m in c.get_metric_history(r.info.run_id, "loss")] == [0, 1, 2]
-        assert r.data.metrics["robust_acc/linf/0.1"] == pytest.approx(0.4 + i / 10)
-        assert r.data.metrics["robust_acc/linf/0.0314"] == pytest.approx(0.6)
-        assert r.data.metrics["corruption_acc/gaussian_noise/3"] == pytest.approx(0.7)
-        assert [f.path for f in c.list_artifacts(r.info.run_id, "plots")] == [f"plots/curve{i}.json"]
-    if backend == "sqlite":
-        # artifacts live next to the database, never in ./mlruns of the current directory
-        assert not Path("mlruns").exists()
-        assert (Path(tr._sqlite_path(uri)).parent / "mlartifacts").is_dir()
-
-
-def test_retried_trial_reuses_its_run(sqlite_uri):
-    uri = sqlite_uri
-    exp = tr.study_experiment(uri, "retry")
-    parent = tr.start_parent_run(uri, exp, "retry", {}, {})
-    first = TrialTracker(uri, exp, parent, "h", "trial_0")
-    rid = first.start(CONFIG, {})
-    first.log_metrics({"loss": 1.0}, step=0)
-    first.finish("FAILED")  # the attempt crashed
-
-    # retry that restored a checkpoint holding the run id
-    second = TrialTracker(uri, exp, parent, "h", "trial_0")
-    assert second.start(CONFIG, {}, existing_run_id=rid) == rid and second.reused
-    assert client(uri).get_run(rid).info.status == "RUNNING"
-    second.log_metrics({"loss": 0.5}, step=1)
-    # retry that crashed before its first checkpoint: found by (parent, hash)
-    third = TrialTracker(uri, exp, parent, "h", "trial_0")
-    assert third.start({**CONFIG, "eps_train": 0.2}, {}) == rid and third.reused
-    assert any("eps_train" in w for w in third.warnings)  # params are immutable in MLflow
-    # a stale/unknown run id from a checkpoint does not break the invariant either
-    fourth = TrialTracker(uri, exp, parent, "h", "trial_0")
-    assert fourth.start(CONFIG, {}, existing_run_id="0" * 32) == rid
-    fourth.finish()
-    assert all(t.ok for t in (first, second, third, fourth))
-
-    kids = children(uri, exp, parent)
-    assert [r.info.run_id for r in kids] == [rid]
-    run = kids[0]
-    assert run.info.status == "FINISHED" and run.data.tags["sslrobust.attempt"] == "4"
-    assert run.data.params["eps_train"] == "0.1"
-    assert [m.step for m in client(uri).get_metric_history(rid, "loss")] == [0, 1]
-
-    # a checkpoint from an earlier invocation (other parent) -> a new child of the new parent
-    parent2 = tr.start_parent_run(uri, exp, "retry", {}, {})
-    fifth = TrialTracker(uri, exp, parent2, "h", "trial_0")
-    rid2 = fifth.start(CONFIG, {}, existing_run_id=rid)
-    assert rid2 and rid2 != rid and not fifth.reused
-    assert [r.info.run_id for r in children(uri, exp, parent2)] == [rid2]
-
-
-def test_close_stale_runs(sqlite_uri):
-    uri = sqlite_uri
-    exp = tr.study_experiment(uri, "stale")
-    old_parent = tr.start_parent_run(uri, exp, "stale", {}, {})
-    t = TrialTracker(uri, exp, old_parent, "h", "trial_0")
-    old_child = t.start(CONFIG, {})
-    done = TrialTracker(uri, exp, old_parent, "h2", "trial_1")
-    done.start(CONFIG, {})
-    done.finish()
-    # the driver died: old_parent and old_child stay RUNNING. A new invocation starts:
-    new_parent = tr.start_parent_run(uri, exp, "stale", {}, {})
-    closed = tr.close_stale_runs(uri, exp, exclude={new_parent})
-    assert sorted(closed) == sorted([old_parent, old_child])
-    c = client(uri)
-    for rid in closed:
-        info = c.get_run(rid).info
-        assert info.status == "KILLED" and info.end_time
-    assert c.get_run(new_parent).info.status == "RUNNING"
-    assert c.get_run(done.run_id).info.status == "FINISHED"
-    assert tr.close_stale_runs(uri, exp, exclude={new_parent}) == []
-
-
 def test_study_experiment_concurrent_creation(sqlite_uri, monkeypatch):
     uri = sqlite_uri
     exp = tr.study_experiment(uri, "race")
@@ -380,12 +167,12 @@ def test_study_experiment_concurrent_creation(sqlite_uri, monkeypatch):
     assert len(calls) == 2
 
 
-def test_reopen_run_and_log_artifacts(sqlite_uri, tmp_path):
+def test_take_over_run_and_log_artifacts(sqlite_uri, tmp_path):
     uri = sqlite_uri
     exp = tr.study_experiment(uri, "reopen")
-    parent = tr.start_parent_run(uri, exp, "reopen", {}, {})
+    parent = tr.start_parent_run(uri, exp, "reopen 1", "reopen", {}, {})
     tr.end_run(uri, parent, "KILLED")
-    tr.reopen_run(uri, parent)  # a resumed invocation continues its parent run
+    tr.take_over_run(uri, parent)  # a resumed invocation continues its parent run
     assert client(uri).get_run(parent).info.status == "RUNNING"
     files = [tmp_path / "report.html", tmp_path / "fig.png"]
     for f in files:
@@ -396,104 +183,6 @@ def test_reopen_run_and_log_artifacts(sqlite_uri, tmp_path):
         tr.log_artifacts(uri, parent, [tmp_path / "missing.html"])
     tr.end_run(uri, parent)
     assert client(uri).get_run(parent).info.status == "FINISHED"
-
-
-def test_metrics_from_parquet_like_rows():
-    pd = pytest.importorskip("pandas")
-    df = pd.DataFrame([
-        {"norm": "linf", "eps_test": 0.1, "corruption": None, "severity": None, "robust_acc": 0.5, "clean_acc": 0.9},
-        {"norm": "linf", "eps_test": 0.0, "corruption": None, "severity": None, "robust_acc": 0.9, "clean_acc": 0.9},
-        {"norm": None, "eps_test": None, "corruption": "jpeg", "severity": 3, "robust_acc": 0.7, "clean_acc": 0.9},
-    ]).convert_dtypes()  # pd.NA for missing cells, as results.load returns
-    assert tr.metrics_from_rows(df.to_dict("records")) == {
-        "robust_acc/linf/0.1": 0.5, "robust_acc/linf/0": 0.9, "corruption_acc/jpeg/3": 0.7, "clean_acc": 0.9,
-    }
-
-
-def test_tracker_before_start_and_bad_artifact(sqlite_uri):
-    t = TrialTracker(sqlite_uri, "0", "p", "h", "t")
-    t.log_metrics({"a": 1.0}, step=0)  # never raises
-    assert not t.ok and "before the trial run was started" in t.error
-
-
-def test_server_killed_mid_trial_then_backfill(server, tmp_path):
-    uri = server.uri
-    tr.check_reachable(uri)
-    study = "killed"
-    exp = tr.study_experiment(uri, study)
-    parent = tr.start_parent_run(uri, exp, study, {}, {})
-    t = TrialTracker(uri, exp, parent, "hash-run", "trial_0")
-    rid = t.start(CONFIG, {})
-    t.log_metrics({"loss": 1.0}, step=0)
-    assert t.ok, t.error
-
-    server.stop(signal.SIGKILL)  # the server dies mid-trial (restarted if needed later)
-
-    t0 = time.monotonic()
-    t.log_metrics({"loss": 0.5}, step=1)  # first failure: bounded retries
-    first = time.monotonic() - t0
-    assert first < 10, first
-    assert not t.ok and "connection refused" in t.error and "\n" not in t.error
-    art = tmp_path / "a.txt"
-    art.write_text("x")
-    for call in (
-        lambda: t.log_metrics({"loss": 0.1}, step=2),
-        lambda: t.log_result_metrics({"robust_acc/linf/0.1": 0.5}),
-        lambda: t.log_artifact(str(art)),
-        lambda: t.set_tags({"a": 1}),
-        lambda: t.finish(),
-    ):
-        t0 = time.monotonic()
-        call()
-        assert time.monotonic() - t0 < 0.5
-    assert t.skipped == 5
-    # a tracker that starts after the server died also fails fast without raising
-    late = TrialTracker(uri, exp, parent, "hash-none", "trial_1")
-    t0 = time.monotonic()
-    assert late.start(CONFIG, {}) is None
-    assert time.monotonic() - t0 < 10 and not late.ok
-    late.finish()
-
-    # Parquet results exist for both trials; backfill (here straight into the server's sqlite db)
-    db_uri = f"sqlite:///{server.db}"
-    def row(h, norm=None, eps=None, corruption=None, severity=None, acc=0.0):
-        return {"study": study, "trial_id": f"t-{h}", "config_hash": h, "norm": norm, "eps_test": eps,
-                "corruption": corruption, "severity": severity, "robust_acc": acc, "clean_acc": 0.9,
-                "attack": "pgd" if norm else "none", "node_id": "node-1", "git_sha": "abc123",
-                "mlflow_run_id": None}
-
-    rows = {
-        "hash-run": [row("hash-run", "linf", 0.1, acc=0.5), row("hash-run", corruption="contrast", severity=2, acc=0.8)],
-        "hash-none": [row("hash-none", "linf", 8 / 255, acc=0.3)],
-    }
-    configs = {"hash-run": CONFIG, "hash-none": {**CONFIG, "seed": 1}}
-
-    def summary(config, result_rows):  # same shape as orchestrator.trainable.summary_metrics
-        assert all(r["corruption"] is None for r in result_rows if r["norm"] is not None)
-        return {"robust_acc_at_eps_train": max(r["robust_acc"] for r in result_rows), "bad": "x"}
-
-    assert tr.backfill_from_results(db_uri, study, rows, configs, summary_metrics=summary) == 2
-    assert tr.backfill_from_results(db_uri, study, rows, configs) == 0  # idempotent
-
-    c = client(db_uri)
-    runs = c.search_runs([exp], filter_string="tags.`sslrobust.role` = 'trial'")
-    by_hash = {r.data.tags["sslrobust.config_hash"]: r for r in runs}
-    assert sorted(by_hash) == ["hash-none", "hash-run"] and len(runs) == 2
-    done = by_hash["hash-run"]
-    assert done.info.run_id == rid and done.info.status == "FINISHED"  # completed, not duplicated
-    assert done.data.metrics["robust_acc/linf/0.1"] == 0.5
-    assert done.data.metrics["corruption_acc/contrast/2"] == 0.8
-    assert done.data.metrics["clean_acc"] == 0.9 and done.data.metrics["robust_acc_at_eps_train"] == 0.8
-    assert "bad" not in done.data.metrics
-    assert done.data.tags["mlflow.parentRunId"] == parent and done.data.tags["sslrobust.backfilled"] == "true"
-    new = by_hash["hash-none"]
-    assert new.info.status == "FINISHED" and new.data.metrics["robust_acc/linf/0.0314"] == 0.3
-    assert new.data.params["seed"] == "1" and new.data.tags["sslrobust.backfilled"] == "true"
-    assert new.info.run_name == f"{study}-hash-non" and new.data.tags["sslrobust.git_sha"] == "abc123"
-    bf = c.get_run(new.data.tags["mlflow.parentRunId"])
-    assert bf.data.tags["sslrobust.role"] == "backfill" and bf.info.status == "FINISHED"
-    backfill_parents = c.search_runs([exp], filter_string="tags.`sslrobust.role` = 'backfill'")
-    assert len(backfill_parents) == 1
 
 
 @pytest.fixture
@@ -515,11 +204,185 @@ def test_hung_server_times_out(hung_server, monkeypatch):
     assert time.monotonic() - t0 < 5
     # a user's own MLflow HTTP settings win over the built-in bounds
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
-    t = TrialTracker(hung_server, "1", "p", "h", "trial_0")
     t0 = time.monotonic()
-    assert t.start(CONFIG, {}) is None
+    with pytest.raises(TrackingError, match="timed out"):
+        tr.study_experiment(hung_server, "s")
     assert time.monotonic() - t0 < 15  # 3 attempts x 1 s + backoff
-    assert "timed out" in t.error and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
-    t0 = time.monotonic()
-    t.finish()
-    assert time.monotonic() - t0 < 0.5
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+
+
+# ------------------------------------------------------------------------------------------
+# metric names and curves (orchestrator.metrics), one row-kind rule (trainables.row_kind)
+# ------------------------------------------------------------------------------------------
+
+def _record(norm=None, eps=None, acc=None, **extra):
+    base = dict(norm=norm, eps_test=eps, attack="pgd" if eps else "none", attack_steps=1, step_size=0.01, restarts=1,
+                n_examples=1000, clean_acc=0.9, robust_acc=acc, corruption=None, severity=None, ood_set=None,
+                score=None, measure=None, value=None)
+    return {**base, **extra}
+
+
+def test_distinct_eps_never_share_a_metric_and_curves_step_on_the_eps_scale():
+    from orchestrator.metrics import EPS_STEP_SCALE, record_metrics, result_metric_name
+
+    eps = [0.0, 0.1, 0.10025, 1 / 255, 2 / 255, 8 / 255, 0.031, 0.0314]
+    names = {result_metric_name("linf", e, None, None) for e in eps}
+    assert len(names) == len(eps)
+    assert result_metric_name("linf", 0.1, None, None) == "robust_acc/linf/0.1"
+    assert result_metric_name("l2", 1.0, None, None) == "robust_acc/l2/1"
+    records = [_record("linf", e, 1 - e) for e in eps]
+    metrics = record_metrics(records)
+    curve = sorted((s, v) for n, v, s in metrics if n == "robust_acc_linf")
+    assert curve == sorted((int(round(e * EPS_STEP_SCALE)), 1 - e) for e in eps)
+    assert (1000, 0.9) in curve  # ε = 0.1 at step 1000
+    scalars = {n: v for n, v, s in metrics if s == 0}
+    assert scalars["robust_acc/linf/0.10025"] == 1 - 0.10025 and scalars["robust_acc/linf/0.1"] == 0.9
+
+
+def test_row_kind_decides_every_kind_once():
+    from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, row_kind
+
+    nan = float("nan")
+    assert row_kind(_record("linf", 0.1, 0.5, defence=nan)) == ROBUSTNESS
+    assert row_kind(_record("linf", 0.1, 0.5, defence="none")) == ROBUSTNESS
+    assert row_kind(_record("linf", 0.1, 0.5, defence="ssl_reverse", attack="pgd_adaptive")) == DEFENDED
+    assert row_kind(_record(corruption="jpeg", severity=3, acc=0.7)) == CORRUPTION
+    assert row_kind(_record(ood_set="gaussian", score="msp", measure="auroc", value=0.8)) == OOD
+    assert row_kind(_record(measure="certified_acc", value=0.4, radius=0.25)) == LABEL_FREE
+
+
+def test_accuracy_is_an_exact_count_over_n():
+    import torch
+
+    from trainables.evaluate import fraction, robust_accuracy_curve
+
+    correct = torch.zeros(1000, dtype=torch.bool)
+    correct[:734] = True
+    assert fraction(correct) == 0.734 and type(fraction(correct)) is float
+    assert correct.float().mean().item() != 0.734  # what float32 gave before
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(7, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    for r in robust_accuracy_curve(model, x, y, "linf", [0.0, 0.3], steps=2, batch_size=7):
+        k = round(r["robust_acc"] * 7)
+        assert r["robust_acc"] == k / 7 and r["clean_acc"] == round(r["clean_acc"] * 7) / 7
+
+
+# ------------------------------------------------------------------------------------------
+# liveness: stale runs are runs of dead drivers, not merely RUNNING ones
+# ------------------------------------------------------------------------------------------
+
+def test_close_stale_runs_ends_only_runs_of_dead_drivers(sqlite_uri, monkeypatch):
+    import subprocess
+    import sys
+
+    from orchestrator import liveness
+
+    uri = sqlite_uri
+    exp = tr.study_experiment(uri, "stale")
+    dead = subprocess.run([sys.executable, "-c", "from orchestrator import liveness; print(liveness.this_owner())"],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout.strip()
+    assert liveness.is_alive(liveness.this_owner(), None) and not liveness.is_alive(dead, None)
+    assert liveness.is_alive("otherhost:1:1", time.time()) and not liveness.is_alive("otherhost:1:1", time.time() - 3600)
+    c = client(uri)
+    live = tr.start_parent_run(uri, exp, "live", "stale", {}, {})  # owned by this (live) process
+    live_child = c.create_run(exp, tags={tr.PARENT_TAG: live, tr.ROLE_TAG: "trial"}).info.run_id
+    gone = tr.start_parent_run(uri, exp, "gone", "stale", {}, {})
+    c.set_tag(gone, tr.OWNER_TAG, dead)  # its driver exited without ending it
+    gone_child = c.create_run(exp, tags={tr.PARENT_TAG: gone, tr.ROLE_TAG: "trial"}).info.run_id
+    closed = tr.close_stale_runs(uri, exp)
+    assert sorted(closed) == sorted([gone, gone_child])
+    assert c.get_run(live).info.status == "RUNNING" and c.get_run(live_child).info.status == "RUNNING"
+    assert c.get_run(gone).info.status == "KILLED" and c.get_run(gone_child).info.end_time
+    assert tr.close_stale_runs(uri, exp) == []
+
+
+def test_a_new_sqlite_store_set_up_by_two_processes_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    code = "import sys; from orchestrator import tracking; print(tracking.study_experiment(sys.argv[1], 'both'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0].strip() == outs[1][0].strip() != ""
+
+
+# ------------------------------------------------------------------------------------------
+# the live callback and --backfill-tracking log the same metrics (a defended trial)
+# ------------------------------------------------------------------------------------------
+
+def test_backfill_of_a_defended_trial_logs_exactly_what_the_live_callback_logs(sqlite_uri, tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator import backfill, results
+    from orchestrator.mlflow_callback import StudyTracking
+    from orchestrator.spec import config_hash
+    from orchestrator.trainable import StudyContext, trial_config, trial_rows
+
+    uri, storage = sqlite_uri, str(tmp_path / "runs")
+    fixed = {"eval_eps_linf": [0.0, 0.1], "defence": "ssl_reverse", "ssl_task": "rotation"}
+    context = StudyContext(study="defended", storage=storage, tracking_uri=uri, fixed=fixed, cpus_per_trial=1,
+                           invocation="defended-1")
+    trial = SimpleNamespace(trial_id="t0001", config={"cell": {"ssl_weight": 0.5, "seed": 0}}, status="RUNNING")
+    config = trial_config(trial.config, context)
+    chash = config_hash(config)
+    records = [_record("linf", 0.0, 0.9), _record("linf", 0.1, 0.5)] + [
+        _record("linf", e, a, attack=att, defence="ssl_reverse")
+        for e, att, a in ((0.0, "none", 0.88), (0.1, "pgd", 0.7), (0.1, "pgd_adaptive", 0.4))]
+    live = StudyTracking(uri, "defended", storage=storage, invocation="defended-1", context=context,
+                         varying=["ssl_weight"], description="a defended study", spec_text="factors: {}",
+                         parent_name="defended live", parent_params={}, parent_tags={})
+    live.set_up()
+    live.on_trial_start(0, [], trial)
+    path = results.write_trial(storage, "defended", chash, trial_rows(context, config, chash, "t0001", records,
+                                                                         "node", None))
+    live.on_trial_result(1, [], trial, {"epoch": 1, "train_loss": 0.5, "parquet": path})
+    live.on_trial_complete(1, [], trial)
+    live.end("FINISHED")
+    assert live.errors() == []
+
+    rows = results.load("defended", storage)
+    rows = {chash: rows.astype(object).where(rows.notna(), None).to_dict("records")}
+    other = tr.study_experiment(uri, "defended-backfill")
+    assert backfill.backfill_rows(uri, other, "defended-backfill", rows, {chash: "ssl_weight=0.5"}) == 1
+
+    c = client(uri)
+    [live_run] = c.search_runs([live.experiment_id], "tags.`sslrobust.role` = 'trial'")
+    [filled] = c.search_runs([other], "tags.`sslrobust.role` = 'trial'")
+    assert live_run.info.run_name == filled.info.run_name == "ssl_weight=0.5"
+    assert live_run.data.tags["sslrobust.config_hash"] == filled.data.tags["sslrobust.config_hash"] == chash
+
+    def histories(run):
+        return {name: sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, name))
+                for name in run.data.metrics if name != "train_loss"}
+
+    assert histories(live_run) == histories(filled)
+    assert live_run.data.params == filled.data.params and "depth" not in filled.data.params
+    names = set(live_run.data.metrics)
+    assert {"defended_acc/ssl_reverse/pgd_adaptive/linf/0.1", "robust_acc/linf/0.1", "robust_acc_linf"} <= names
+    assert live_run.data.metrics["robust_acc/linf/0.1"] == 0.5  # not the defended 0.4 or 0.7
+    parent = c.get_run(live.parent_run_id)  # a summary per cell (one seed here: no CI half-width)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["robust_acc_at_eps_train/ssl_weight:0.5"] == 0.5
+    assert [a.path for a in c.list_artifacts(live.parent_run_id)] == ["study.yaml"]
+
+
+def test_progress_line_counts_the_trial_that_ends_and_shows_its_cell():
+    import io
+    from types import SimpleNamespace
+
+    from orchestrator.progress import ProgressLine
+
+    out = io.StringIO()
+    progress = ProgressLine("s", ["ssl_weight"], out)
+    progress.started -= 600  # ten minutes in
+    trials = [SimpleNamespace(status=s, config={"cell": {"ssl_weight": w, "seed": 0}})
+              for s, w in (("RUNNING", 0.5), ("TERMINATED", 0.0), ("PENDING", 1.0))]
+    progress.on_trial_result(0, trials, trials[0], {"robust_acc_at_eps_train": 0.61})
+    progress.on_trial_complete(0, trials, trials[0])  # Tune marks it TERMINATED only afterwards
+    import re
+
+    assert re.fullmatch(r"\[s\] 2/3 done, 0 running, 1 pending, ETA 5m0[01]s, 10m0[0-2]s elapsed \| "
+                        r"ssl_weight=0.5: robust 0.610 at ε_train", out.getvalue().strip()), out.getvalue()

@@ -201,6 +201,43 @@ EVALUATION_KEYS = frozenset(k for k in SCHEMA if k.startswith("eval_")) | frozen
     "center_smoothing_alpha", "center_smoothing_delta", "center_smoothing_examples",
 })
 
+# Which settings a trial uses: a key listed here applies only while its rule holds for the resolved
+# config; every other key always applies. What is tracked per trial (`applicable`) follows this.
+_SSL_SINGLE = lambda c: not c["ssl_tasks"]  # noqa: E731 - ssl_tasks replaces ssl_task/ssl_weight
+_TASKS = lambda c: set(c["ssl_tasks"]) or {c["ssl_task"]}  # noqa: E731
+_DEFENDED = lambda c: c["defence"] != "none"  # noqa: E731
+_LABEL_FREE = lambda c: bool(c["label_free_eval"])  # noqa: E731
+APPLIES_WHEN: dict[str, Any] = {
+    "depth": lambda c: c["arch"] == "wrn",
+    "width": lambda c: c["arch"] == "wrn",
+    "momentum": lambda c: c["optimizer"] == "sgd",
+    "nesterov": lambda c: c["optimizer"] == "sgd",
+    "ssl_task": _SSL_SINGLE,
+    "ssl_weight": _SSL_SINGLE,
+    "ssl_tasks": lambda c: bool(c["ssl_tasks"]),
+    "rotations": lambda c: "rotation" in _TASKS(c),
+    "contrastive_temperature": lambda c: "contrastive" in _TASKS(c),
+    "train_attack_steps": lambda c: c["train_attack"] == "pgd",
+    "train_step_size_factor": lambda c: c["train_attack"] == "pgd",
+    "train_random_start": lambda c: c["train_attack"] == "pgd",
+    "pretrain_epochs": lambda c: c["init"] == "ssl_pretrained",
+    "pretrain_lr": lambda c: c["init"] == "ssl_pretrained",
+    "eval_eps_linf": lambda c: "linf" in c["eval_norms"],
+    "eval_eps_l2": lambda c: "l2" in c["eval_norms"],
+    "corruption_severities": lambda c: bool(c["corruptions"]),
+    "defence_eps": _DEFENDED, "defence_steps": _DEFENDED, "defence_tasks": _DEFENDED,
+    "eval_adaptive_weight": _DEFENDED, "eval_adaptive_eot": _DEFENDED,
+    "ood_scores": lambda c: bool(c["ood_sets"]),
+    "ood_examples": lambda c: bool(c["ood_sets"]),
+    **{k: _LABEL_FREE for k in ("label_free_eps", "label_free_steps", "label_free_examples", "smoothing_sigma",
+                                "smoothing_n0", "smoothing_n", "smoothing_alpha", "smoothing_radii")},
+}
+
+
+def applicable(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a resolved config that the trial uses (`APPLIES_WHEN`), in SCHEMA order."""
+    return {k: config[k] for k in SCHEMA if k in config and (k not in APPLIES_WHEN or APPLIES_WHEN[k](config))}
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message is one line that says what, where and how to fix."""

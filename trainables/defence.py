@@ -113,7 +113,7 @@ def _classify(model, x: torch.Tensor) -> torch.Tensor:
 def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> list[dict]:
     """Records (evaluate.RECORD_KEYS + defence) of the defended model: ε_test = 0 (defended clean
     accuracy) and, for every ε_test > 0, the plain ("pgd") and adaptive ("pgd_adaptive") attack."""
-    from .evaluate import _record, _seed_for
+    from .evaluate import _record, _seed_for, fraction
 
     model.eval()
     task = defence_task(config, model)
@@ -132,7 +132,7 @@ def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> l
         return torch.cat(out)
 
     clean_correct = defend_and_classify(x, 0) == y
-    clean_acc = clean_correct.float().mean().item()
+    clean_acc = fraction(clean_correct)
     records = []
     for norm in config["eval_norms"]:
         for eps in sorted(float(e) for e in config[f"eval_eps_{norm}"]):
@@ -160,7 +160,7 @@ def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> l
                 correct = defend_and_classify(torch.cat(adversarial), int(round(eps * 1e6)) + 1) == y
                 records.append(dict(
                     _record(norm, eps, attack, steps, step_size, config["eval_restarts"], len(x), clean_acc,
-                            correct.float().mean().item()),
+                            fraction(correct)),
                     defence=config["defence"],
                 ))
     return records

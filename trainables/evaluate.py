@@ -22,6 +22,13 @@ RECORD_KEYS = (
 )
 
 
+def fraction(correct: torch.Tensor) -> float:
+    """The share of True in a bool tensor as an exact Python float (float64): a count over n, e.g.
+    734/1000 -> 0.734, where a float32 mean would give 0.734000027."""
+    n = correct.numel()
+    return int(correct.sum().item()) / n if n else float("nan")
+
+
 @torch.no_grad()
 def predictions(model, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     model.eval()
@@ -59,7 +66,7 @@ def robust_accuracy_curve(
     model.eval()
     x, y = x.detach(), y.detach()
     clean_correct = predictions(model, x, batch_size) == y
-    clean_acc = clean_correct.float().mean().item()
+    clean_acc = fraction(clean_correct)
     still_correct = clean_correct.clone()
     records = []
     for eps in sorted(float(e) for e in eps_grid):
@@ -86,7 +93,7 @@ def robust_accuracy_curve(
         records.append(
             _record(norm, eps, "pgd_any_iterate" if stop_on_success else "pgd", steps, step_size, restarts,
                     len(x), clean_acc,
-                    still_correct.float().mean().item())
+                    fraction(still_correct))
         )
     return records
 
@@ -109,7 +116,7 @@ def corruption_records(model, x, y, names, severities, batch_size=500, seed=0, c
     if not names:
         return []
     if clean_acc is None:
-        clean_acc = (predictions(model, x, batch_size) == y).float().mean().item()
+        clean_acc = fraction(predictions(model, x, batch_size) == y)
     records = []
     for row in corruption_accuracy(model, x, y, names, severities, batch_size=batch_size, seed=seed):
         records.append(dict(
@@ -141,7 +148,7 @@ def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict, data_d
         from .ood import ood_records
 
         if clean_acc is None:
-            clean_acc = (predictions(model, x, config["eval_batch_size"]) == y).float().mean().item()
+            clean_acc = fraction(predictions(model, x, config["eval_batch_size"]) == y)
         records += ood_records(model, x, config, data_dir=data_dir, clean_acc=clean_acc)
     if config.get("label_free_eval"):
         # label-free measure rows (trainables.label_free): measure/value, plus `radius` for the
@@ -149,7 +156,7 @@ def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict, data_d
         from .label_free import label_free_records
 
         if clean_acc is None:
-            clean_acc = (predictions(model, x, config["eval_batch_size"]) == y).float().mean().item()
+            clean_acc = fraction(predictions(model, x, config["eval_batch_size"]) == y)
         records += label_free_records(model, x, y, config, clean_acc=clean_acc)
     if config.get("defence", "none") != "none":
         from .defence import defended_records

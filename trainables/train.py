@@ -20,7 +20,7 @@ from .attacks import fgsm, pgd
 from .config import resolve
 from .data import ImageTensors, iterate_batches, load_split, load_train_val
 from .device import autocast, prepare_input, prepare_model, select_device
-from .evaluate import evaluate_model, predictions, robust_accuracy_curve
+from .evaluate import evaluate_model, fraction, predictions, robust_accuracy_curve
 from .label_noise import corrupt_labels, label_noise_generator
 from .models import backbone_state, build_model, load_backbone
 from .objectives import SSLBatch, attack_objective, stack_inputs, update_loss
@@ -253,7 +253,7 @@ class Trainer:
     def clean_accuracy(self, data=None) -> float:
         data = data or self.test_data()
         x, y = data.images.float() / 255, data.labels
-        return (predictions(self.model, x, self.config["eval_batch_size"]) == y).float().mean().item()
+        return fraction(predictions(self.model, x, self.config["eval_batch_size"]) == y)
 
     def evaluate(self) -> list[dict]:
         """Every evaluation record of the selected model (`selected_model`); `selected_epoch`

@@ -1,0 +1,76 @@
+"""The study's console: one compact line per event instead of Ray Tune's per-trial boxes.
+
+    [weight_sweep] 3/8 done, 2 running, 3 pending, ETA 2m10s | ssl_weight=0.5 seed=1: robust 0.612 at ε_train
+
+A line is printed when a trial finishes or fails, and otherwise at most every EVERY_S seconds.
+`python -m orchestrator.study ... --tune-output` shows Tune's own output instead.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import Callback
+
+from .mlflow_callback import run_name
+
+EVERY_S = 60.0
+_active: "ProgressLine | None" = None
+
+
+def _active_progress():
+    """What an unpickled ProgressLine becomes (Tune pickles its RunConfig): this invocation's."""
+    return _active if _active is not None else Callback()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressLine(Callback):
+    def __init__(self, study: str, varying: list[str], out=sys.stdout):
+        global _active
+        self.study, self.varying, self.out = study, list(varying), out
+        self.started = time.time()
+        self.latest: dict[str, str] = {}  # run name -> latest robust accuracy text
+        self._last = 0.0
+        _active = self
+
+    def __reduce__(self):
+        return _active_progress, ()
+
+    def _name(self, trial) -> str:
+        factors = trial.config.get("cell") or {k: v for k, v in trial.config.items() if k != "cell"}
+        return run_name({k: factors[k] for k in self.varying if k in factors} or factors)
+
+    def line(self, trials: list, note: str = "", ending=None) -> str:
+        """The progress line; ``ending``: a trial Tune is finishing (its status is not final yet)."""
+        states = [("TERMINATED" if t is ending else t.status) for t in trials]
+        done = sum(s in ("TERMINATED", "ERROR") for s in states)
+        running, pending = states.count("RUNNING"), sum(s in ("PENDING", "PAUSED") for s in states)
+        text = f"[{self.study}] {done}/{len(trials)} done, {running} running, {pending} pending"
+        if done and done < len(trials):  # the throughput so far, trials running side by side included
+            text += f", ETA {_duration((time.time() - self.started) / done * (len(trials) - done))}"
+        elapsed = _duration(time.time() - self.started)
+        return f"{text}, {elapsed} elapsed" + (f" | {note}" if note else "")
+
+    def _print(self, trials, note: str = "", ending=None) -> None:
+        self._last = time.time()
+        print(self.line(trials, note, ending), file=self.out, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get("robust_acc_at_eps_train")
+        if value is not None and value == value:
+            self.latest[self._name(trial)] = f"robust {float(value):.3f} at ε_train"
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        name = self._name(trial)
+        self._print(trials, f"{name}: {self.latest.get(name, 'done')}", ending=trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._print(trials, f"{self._name(trial)}: FAILED", ending=trial)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.time() - self._last >= EVERY_S and trials:
+            self._print(trials)

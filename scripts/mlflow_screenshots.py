@@ -1,0 +1,110 @@
+"""Screenshots of a study in the MLflow UI, as a new user meets it (not part of CI).
+
+Starts `mlflow ui` on 127.0.0.1 with the study's tracking store, takes headless-Chromium
+screenshots of the experiment's runs table, one child run and the chart view (the runs' curves
+overlaid), and stops the UI again.
+
+    .venv/bin/python scripts/mlflow_screenshots.py weight_sweep --tracking-uri sqlite:////tmp/runs/mlflow.db \\
+        --out /tmp/screens
+
+Needs `chromium` (Debian: apt-get install chromium). `experiment_plain_link.png` is the experiment's
+plain link (what a fresh browser shows without the view parameter); the others carry
+`workflowType=machine_learning` (orchestrator.tracking_uri.TRIALS_VIEW), the link the study prints.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"mlflow ui exited early (status {proc.returncode})")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"mlflow ui at {url} did not answer within {timeout:g} s")
+
+
+def screenshot(browser: str, url: str, path: Path, wait_ms: int, height: int = 1000) -> None:
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--window-size=1600,{height}", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    print(f"{path}  <- {url}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study")
+    parser.add_argument("--tracking-uri", required=True, help="e.g. sqlite:////tmp/runs/mlflow.db")
+    parser.add_argument("--out", default="mlflow_screenshots", help="folder for the PNG files")
+    parser.add_argument("--wait-ms", type=int, default=20000, help="time the page gets to render")
+    args = parser.parse_args(argv)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        print("error: chromium not found (Debian: apt-get install chromium)", file=sys.stderr)
+        return 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(args.tracking_uri)
+    experiment = client.get_experiment_by_name(args.study)
+    if experiment is None:
+        print(f"error: no MLflow experiment '{args.study}' at {args.tracking_uri}", file=sys.stderr)
+        return 2
+    children = client.search_runs([experiment.experiment_id], "tags.`sslrobust.role` = 'trial'",
+                                  order_by=["attributes.start_time ASC"], max_results=1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_cli), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_healthy(url, proc)
+        from orchestrator.tracking_uri import trials_view_url
+
+        base = f"{url}/#/experiments/{experiment.experiment_id}"
+        view = "workflowType=machine_learning"
+        screenshot(browser, base, out / "experiment_plain_link.png", args.wait_ms)
+        screenshot(browser, f"{base}/runs?{view}", out / "runs_table.png", args.wait_ms)
+        screenshot(browser, trials_view_url(url, experiment.experiment_id).replace("CHART", "TABLE"),
+                   out / "trial_runs_table.png", args.wait_ms)
+        if children:
+            screenshot(browser, f"{base}/runs/{children[0].info.run_id}?{view}", out / "one_run.png", args.wait_ms)
+            screenshot(browser, f"{base}/runs/{children[0].info.run_id}/model-metrics?{view}",
+                       out / "one_run_metrics.png", args.wait_ms)
+        screenshot(browser, trials_view_url(url, experiment.experiment_id), out / "chart_view.png", args.wait_ms,
+                   height=3200)  # tall: the curves come after the per-ε sections
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
