@@ -92,10 +92,12 @@ class TrackingService:
         finally:
             trial.started.set()  # run_id() waits for this
 
-    def _finish(self, trial: "_TrialRun", result_metrics, artifacts, status) -> None:
+    def _finish(self, trial: "_TrialRun", result_metrics, artifacts, status, tags=None) -> None:
         tracker = trial.tracker
         if tracker is None:
             return
+        if tags:
+            tracker.set_tags(tags)
         if result_metrics:
             tracker.log_result_metrics(result_metrics)
         with tempfile.TemporaryDirectory() as folder:  # MLflow logs artifacts from files
@@ -138,12 +140,12 @@ class TrackingService:
             self._work.put(lambda: trial.tracker and trial.tracker.log_metrics(metrics, step))
 
     def finish(self, attempt: str, result_metrics: dict[str, float], artifacts: dict[str, bytes],
-               status: str) -> None:
-        """Log the final metrics and the artifacts (file name -> content) and end the run with
-        ``status``; failures are reported by `drain`."""
+               status: str, tags: dict | None = None) -> None:
+        """Log the final metrics, tags and the artifacts (file name -> content) and end the run
+        with ``status``; failures are reported by `drain`."""
         trial = self._trials.pop(attempt, None)
         if trial is not None:
-            self._work.put(lambda: self._finish(trial, result_metrics, artifacts, status))
+            self._work.put(lambda: self._finish(trial, result_metrics, artifacts, status, tags))
 
     def drain(self) -> list[str]:
         """Wait until everything queued is written; the trials' tracking errors."""
@@ -213,6 +215,7 @@ class RemoteTrialTracker:
         self.error: str | None = None
         self._result_metrics: dict[str, float] = {}
         self._artifacts: dict[str, bytes] = {}
+        self._tags: dict[str, str] = {}
 
     @property
     def ok(self) -> bool:
@@ -256,6 +259,9 @@ class RemoteTrialTracker:
     def log_result_metrics(self, metrics: dict[str, float]) -> None:
         self._result_metrics.update(metrics)  # sent with finish(): one call for the trial's end
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._tags.update(tags)  # sent with finish(), like the result metrics
+
     def log_artifact_content(self, name: str, content: bytes) -> None:
         """An artifact file `name` with `content`, logged with the run's end (`finish`)."""
         self._artifacts[name] = content
@@ -265,5 +271,5 @@ class RemoteTrialTracker:
         that ends (or a worker Tune stops) right after cannot lose it."""
         self.run_id  # noqa: B018 - kept readable after the service has let go of the trial
         self._call(f"end the run as {status}", self._service.finish, self._result_metrics, self._artifacts,
-                   status, wait=True)
+                   status, self._tags, wait=True)
         self._artifacts = {}

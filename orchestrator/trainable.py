@@ -23,6 +23,7 @@ import ray
 from ray import tune
 
 from trainables.config import resolve
+from trainables.masking import masking_tags
 
 from . import results
 from .spec import config_hash
@@ -72,11 +73,14 @@ def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
     clean = (kept or records)[0]["clean_acc"] if records else float("nan")  # on every row
     above = [r["robust_acc"] for r in adversarial if r["eps_test"] >= config["eps_train"] - 1e-12]
     at = [r["robust_acc"] for r in adversarial if abs(r["eps_test"] - config["eps_train"]) < 1e-12]
-    return {
+    out = {
         "clean_acc": clean,
         "robust_acc_above_eps_train": sum(above) / len(above) if above else float("nan"),
         "robust_acc_at_eps_train": at[0] if at else float("nan"),
     }
+    if config.get("eval_attack") == "autoattack":  # RobustBench's name for this number
+        out["autoattack_acc"] = out["robust_acc_at_eps_train"]
+    return out
 
 
 def _is_ood(record: dict) -> bool:
@@ -223,7 +227,10 @@ def run_trial(params: dict, context: StudyContext) -> None:
     summary = summary_metrics(config, records)
     encoded = results.encode_trial(context.study, chash, rows)
     parquet_path = results.write_encoded(context.storage, context.study, chash, encoded)
+    masking = masking_tags(records)  # gradient-masking checks that fired: run tags, a Tune result
     if tracker is not None:
+        if masking:
+            tracker.set_tags(masking)
         tracker.log_result_metrics({**result_metrics(records), **summary})
         tracker.log_artifact_content("robust_accuracy_curve.svg", trial_curve_svg(records, config).encode())
         tracker.log_artifact_content(f"{chash}.parquet", encoded)
@@ -234,6 +241,7 @@ def run_trial(params: dict, context: StudyContext) -> None:
             **last_epoch, **summary, "epoch": trainer.epoch, "config_hash": chash, "parquet": parquet_path,
             "mlflow_run_id": run_id or "", "tracking_error": tracking_error or "",
             "pretrained_here": int(pretrained_here),
+            "masking_flags": ";".join(f"{k.split('/')[-1]}:{v}" for k, v in masking.items()),
         }, checkpoint=checkpoint)
     # Reused actors run the next trial in this process: leave nothing of this one behind.
     del trainer, pretrained
