@@ -105,13 +105,9 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
     out[active] = x_cur
     checkpoints, last_checkpoint = set(apgd_checkpoints(steps)), 0
 
-    def drop_fooled(logits):
+    def drop(fooled):
         nonlocal active, x0, y0, t0, x_cur, x_prev, grad, x_best, grad_best, best_loss, step
         nonlocal best_at_checkpoint, halved_at_checkpoint, rises, last_loss
-        fooled = logits.argmax(1) != y0
-        if not fooled.any():
-            return
-        out[active[fooled]] = x_cur[fooled]
         keep = ~fooled
         active, x0, y0 = active[keep], x0[keep], y0[keep]
         t0 = None if t0 is None else t0[keep]
@@ -119,7 +115,10 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
         best_loss, step, best_at_checkpoint = best_loss[keep], step[keep], best_at_checkpoint[keep]
         halved_at_checkpoint, rises, last_loss = halved_at_checkpoint[keep], rises[keep], last_loss[keep]
 
-    drop_fooled(logits)
+    fooled = logits.argmax(1) != y0
+    if fooled.any():
+        out[active[fooled]] = x_cur[fooled]
+        drop(fooled)
     for i in range(steps):
         if len(active) == 0:
             return out
@@ -128,6 +127,10 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
         x_next = x0 + project(x_cur - x0 + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x0, norm, eps)
         x_prev, x_cur = x_cur, x_next
         loss, grad, logits = _loss_grad(model, x_cur, y0, loss_name, t0)
+        # the fooling iterate itself is kept, before a checkpoint may move x_cur back to x_best
+        fooled = logits.argmax(1) != y0
+        if fooled.any():
+            out[active[fooled]] = x_cur[fooled]
         rises += (loss > last_loss).float()
         last_loss = loss
         better = loss > best_loss
@@ -143,7 +146,8 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
             grad = torch.where(halve.view(view), grad_best, grad)
             rises.zero_()
             last_checkpoint = i + 1
-        drop_fooled(logits)
+        if fooled.any():
+            drop(fooled)
     if len(active):
         out[active] = x_best
     return out
