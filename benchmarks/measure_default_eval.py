@@ -72,6 +72,12 @@ def main() -> None:
             curves[name] = [r["robust_acc"] for r in records]
             if name == "autoattack":
                 print("  autoattack fooled_by:", [r["fooled_by"] for r in records], flush=True)
+        from trainables.masking import fired, masking_checks
+
+        start = time.perf_counter()
+        checks = masking_checks(trainer.model, x, y, "linf", config["eps_train"], still_robust=None)
+        print(f"  masking checks: fired {fired(checks)} in {time.perf_counter() - start:.1f} s: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in checks.items() if k.endswith("_value")), flush=True)
         print(f"trial {os.path.basename(trial_dir)} λ={cell['ssl_weight']} seed={cell['seed']} "
               f"({len(y)} images); ε = {grid}", flush=True)
         for name in args.candidates:

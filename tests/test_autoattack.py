@@ -270,3 +270,26 @@ def test_default_evaluation_is_not_fooled_by_scaling_the_logits(fmnist_adversari
     plain, masked = curve(fmnist_adversarial_cnn, config["eval_attack"]), curve(scaled, config["eval_attack"])
     assert abs(plain - masked) <= 0.02, (plain, masked)
     assert curve(scaled, "pgd") > masked + 0.1  # the check can fail: CE-PGD is fooled by the scale
+
+
+# --- gradient-masking checks -----------------------------------------------------------------------
+
+def test_masking_checks_fire_on_masked_models_and_not_on_the_plain_one(fmnist_adversarial_cnn, batch):
+    from trainables.masking import fired, masking_checks
+
+    x, y = batch
+    plain = masking_checks(fmnist_adversarial_cnn, x, y, "linf", EPS, still_robust=None)
+    assert fired(plain) == [], plain
+    scaled = masking_checks(Scaled(fmnist_adversarial_cnn, 1e4), x, y, "linf", EPS, still_robust=None)
+    assert "zero_gradient" in fired(scaled) and scaled["zero_gradient_value"] > 0.5, scaled
+
+    class Softmax(torch.nn.Module):
+        def forward(self, x):
+            return fmnist_adversarial_cnn(x).softmax(1)
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return fmnist_adversarial_cnn(x + 0.05 * torch.randn_like(x))
+
+    assert "probability_output" in fired(masking_checks(Softmax(), x[:40], y[:40], "linf", 0.0))
+    assert "randomised_output" in fired(masking_checks(Noisy(), x[:40], y[:40], "linf", 0.0))
