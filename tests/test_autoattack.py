@@ -183,11 +183,9 @@ def test_attacks_see_the_current_weights_whatever_changed_them(route, fmnist_sta
 
     with torch.no_grad():
         torch.testing.assert_close(folded_for_eval(model)(x), model(x), rtol=1e-4, atol=1e-4)
-    # and the attack itself: zero budget is the identity, a tiny APGD run agrees with the unfolded one
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    folded = apgd(model, x, y, "ce", "linf", 0.05, steps=3, generator=g1)
-    plain = apgd(model, x, y, "ce", "linf", 0.05, steps=3, generator=g2, fold_bn=False)
-    assert abs(_accuracy(model, folded, y) - _accuracy(model, plain, y)) <= 2 / 64
+    # and the attack on it: what APGD returns as fooling iterates fool the current model
+    x_adv = apgd(model, x, y, "ce", "linf", 0.05, steps=3, generator=torch.Generator().manual_seed(5))
+    assert _accuracy(model, x_adv, y) <= _accuracy(model, x, y) + 2 / 64
 
 
 # --- agreement with torchattacks -----------------------------------------------------------------
