@@ -165,10 +165,11 @@ def _change_by(route, model):
         for p in params:
             p.data.mul_(-1.5)
     elif route == "vector_to_parameters":
-        vec = torch.nn.utils.parameters_to_vector(params)
+        vec = torch.cat([p.detach().reshape(-1) for p in params])  # reshape: channels_last weights
         torch.nn.utils.vector_to_parameters(-1.5 * vec, params)
     else:
-        state = {k: (-1.5 * v if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        names = {name for name, _ in model.named_parameters()}
+        state = {k: (-1.5 * v if k in names else v) for k, v in model.state_dict().items()}
         model.load_state_dict(state)
 
 
