@@ -277,6 +277,7 @@ def test_masking_checks_fire_on_masked_models_and_not_on_the_plain_one(fmnist_ad
     from trainables.masking import fired, masking_checks
 
     x, y = batch
+    x, y = x[:100], y[:100]
     plain = masking_checks(fmnist_adversarial_cnn, x, y, "linf", EPS, still_robust=None)
     assert fired(plain) == [], plain
     scaled = masking_checks(Scaled(fmnist_adversarial_cnn, 1e4), x, y, "linf", EPS, still_robust=None)
