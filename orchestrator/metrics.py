@@ -144,11 +144,14 @@ def summary_metrics(config: dict, records: list[dict]) -> dict[str, float]:
     clean = (kept or records)[0]["clean_acc"] if records else float("nan")  # on every row
     above = [r["robust_acc"] for r in adversarial if r["eps_test"] >= config["eps_train"] - 1e-12]
     at = [r["robust_acc"] for r in adversarial if abs(r["eps_test"] - config["eps_train"]) < 1e-12]
-    return {
+    out = {
         "clean_acc": float(clean),
         "robust_acc_above_eps_train": sum(above) / len(above) if above else float("nan"),
         "robust_acc_at_eps_train": at[0] if at else float("nan"),
     }
+    if config.get("eval_attack") == "autoattack":  # RobustBench's name for this number
+        out["autoattack_acc"] = out["robust_acc_at_eps_train"]
+    return out
 
 
 def trial_metrics(config: dict, records: list[dict]) -> list[tuple[str, float, int]]:

@@ -30,7 +30,8 @@ from .tracking_uri import TrackingError, one_line, reason
 # Report keys that are bookkeeping, not per-epoch measurements.
 _NOT_LOGGED = frozenset(AUTO_RESULT_KEYS) | {
     "epoch", "config_hash", "parquet", "mlflow_run_id", "pretrained_here", "reused_result", "done",
-    "trial_id", "experiment_tag", "iterations_since_restore", *summary_metrics({"norm_train": "", "eps_train": 0}, []),
+    "trial_id", "experiment_tag", "iterations_since_restore", "masking_flags",
+    *summary_metrics({"norm_train": "", "eps_train": 0, "eval_attack": "autoattack"}, []),
 }
 _METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
 
@@ -248,7 +249,13 @@ class StudyTracking(Callback):
         metrics = [Metric(n, v, now, s) for n, v, s in trial_metrics(run.config, records)]
         fs, path = storage_mod.filesystem_and_path(f"{results.study_dir(self.storage, self.study)}/{run.config_hash}.parquet")
 
+        from trainables.masking import masking_tags  # (imports torch: not at the driver's start)
+
+        masking = masking_tags(records)  # gradient-masking checks that fired, as run tags
+
         def log(c):
+            for key, value in masking.items():
+                c.set_tag(run.run_id, key, value)
             for i in range(0, len(metrics), _METRICS_PER_BATCH):
                 c.log_batch(run.run_id, metrics=metrics[i:i + _METRICS_PER_BATCH], synchronous=True)
             with tempfile.TemporaryDirectory() as folder:

@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from scipy.special import stdtrit  # Student t quantiles; scipy.stats costs >1 s to import
 
-from orchestrator import results
+from orchestrator import report_attacks, results
 from orchestrator.errors import UserError
 from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS
 
@@ -56,6 +56,9 @@ CONFIG_COLUMNS: tuple[str, ...] = (
     "rotations",
 )
 ADV_EVAL_COLUMNS = ("norm", "eps_test")
+# Figures and tables of robust accuracy: their captions name the attack that produced it.
+ROBUSTNESS_SECTIONS = frozenset({"robust_vs_eps", "delta_vs_lambda0", "clean_vs_robust", "lambda_effect",
+                                 "best_variant", "pretrain_vs_scratch"})
 CORRUPTION_EVAL_COLUMNS = ("corruption", "severity")
 # Config keys that decide which rows a trial has (or how fast it runs), not the value of a row.
 NOT_FACTORS = frozenset(
@@ -1399,6 +1402,10 @@ def build_report(
         k = int((clean_agg["n_seeds"] == 1).sum())
         notes.append(f"{k} configuration(s) have only 1 seed: no confidence band or interval for them.")
 
+    attack_text = report_attacks.attack_description(df)
+    notes.append(attack_text)
+    notes += report_attacks.masking_warnings(df)
+
     delta, no_base = delta_table(data)
     if no_base:
         idx = {k: i for i, k in enumerate(tk + ["norm"])}
@@ -1459,6 +1466,8 @@ def build_report(
     for name, title, fig, caption in figures:
         if fig is None:
             continue
+        if name in ROBUSTNESS_SECTIONS:
+            caption += " " + attack_text
         if n_max <= 1:
             caption += f" {ONE_SEED}."
         png, svg = out / f"{name}.png", out / f"{name}.svg"
@@ -1492,12 +1501,24 @@ def build_report(
     }
     table_html: list[str] = []
     for name, title, caption, table in tables:
+        if name in ROBUSTNESS_SECTIONS:
+            caption += " " + attack_text
         if table.empty:
             table_html.append(f"<h3>{html.escape(title)}</h3><p class='note'>Not available: {html.escape(empty_reason[name])}.</p>")
             continue
         text, fixed = _display(table, keep=data.extras)
         table_paths += _write_table(out, study, name, title, caption, table, text, fixed, table_html)
     extra_tables = [
+        ("robustbench", "RobustBench-style summary",
+         "One line per configuration at ε_test = ε_train, in RobustBench's field names: clean_acc and "
+         "autoattack_acc (mean over seeds; empty unless the study ran eval_attack=autoattack), plus the "
+         "study's own robust accuracy and the attack that produced it.",
+         report_attacks.robustbench_table(df), lambda t: t),
+        ("attack_breakdown", "Which attack fooled each example",
+         "Per configuration × ε_test, summed over seeds: the examples each attack fooled first (the attacks "
+         "run in the order of the columns, each on the examples the earlier ones and the smaller ε left "
+         "robust), as AutoAttack's own log counts them. " + attack_text,
+         report_attacks.breakdown_table(df), lambda t: t),
         ("ood", "Out-of-distribution detection",
          "Per λ × OOD set × score: AUROC, AUPR (in-distribution as positive, as in Hendrycks' code) and FPR "
          "at 95% TPR (the fraction of OOD images accepted when 95% of test images are), mean ± 95% t-interval "

@@ -80,7 +80,7 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("selected_epoch", pa.int64(), True),
     ("norm", pa.string(), True),  # null on corruption rows
     ("eps_test", pa.float64(), True),  # null on corruption rows
-    ("attack", pa.string(), False),  # "pgd_any_iterate" or "pgd" (eval_stop_on_success), "none" at ε 0 and on corruption rows
+    ("attack", pa.string(), False),  # eval_attack: "apgd", "autoattack", "pgd_any_iterate" or "pgd" (eval_stop_on_success); "none" at ε 0 and on corruption rows
     ("attack_steps", pa.int64(), True),  # null (or 0) on corruption rows
     ("step_size", pa.float64(), True),  # null (or 0) on corruption rows
     ("restarts", pa.int64(), True),  # null (or 0) on corruption rows
@@ -105,6 +105,12 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     # evaluation settings it changed (`config_json` holds the config it evaluated with); null: the
     # trial's own evaluation right after training. Its rows' node_id is `evaluate@HOST`.
     ("eval_hash", pa.string(), True),
+    # apgd and autoattack rows: JSON {attack: examples it fooled first at this ε}, in the order the
+    # attacks ran (AutoAttack's own log), e.g. {"apgd_ce": 40, "apgd_t": 3}; else null
+    ("fooled_by", pa.string(), True),
+    # adversarial rows: the gradient-masking checks that fired for this curve (trainables.masking),
+    # comma-separated; "" when none fired; null where the checks did not run (older files)
+    ("masking_flags", pa.string(), True),
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
     ("git_sha", pa.string(), True),

@@ -22,6 +22,7 @@ from ray import tune
 
 from trainables.config import resolve
 from trainables.datafiles import DatasetUnavailable
+from trainables.masking import masking_tags
 
 from . import models_store, results, run_id_file
 from .cell_lease import CellLease
@@ -179,6 +180,7 @@ def _train_and_record(context: StudyContext, config: dict, chash: str, trial_id:
             **last_epoch, **summary_metrics(config, records), "epoch": trainer.epoch, "config_hash": chash,
             "parquet": parquet_path, "mlflow_run_id": run_id or "", "pretrained_here": int(pretrained_here),
             "selected_epoch": trainer.selected_epoch,
+            "masking_flags": ";".join(f"{k.split('/')[-1]}:{v}" for k, v in masking_tags(records).items()),
         }, checkpoint=checkpoint)
     # Reused actors run the next trial in this process: leave nothing of this one behind.
     del trainer, pretrained

@@ -270,3 +270,33 @@ def test_clean_vs_robust_uses_nearest_grid_point_above_eps_train(tmp_path):
     assert chosen == {0.1: 0.15, 0.05: 0.05}
     fig = report.plot_clean_vs_robust(table, report.prepare(results.load("grid", storage)).train_keys)
     assert any("nearest grid point" in ax.get_xlabel() for ax in fig.axes)
+
+
+def test_report_names_the_attack_breaks_it_down_and_warns_about_masking(tmp_path):
+    storage = str(tmp_path / "runs")
+    hashes = []
+    for seed in (0, 1):
+        for lam in (0.0, 0.5):
+            h, _ = write_cell(storage, "aa", seed, lam, eps=(0.0, 0.05, 0.1))
+            frame = results.load("aa", storage)
+            rows = frame[frame["config_hash"] == h].astype(object).where(frame.notna(), None).to_dict("records")
+            for r in rows:
+                if r["eps_test"]:
+                    r.update(attack="autoattack", fooled_by=json.dumps({"apgd_ce": 30, "apgd_t": 2, "fab_t": 0, "square": 1}),
+                             masking_flags="zero_gradient" if (seed, lam) == (1, 0.5) else "")
+                else:
+                    r["masking_flags"] = "zero_gradient" if (seed, lam) == (1, 0.5) else ""
+            results.write_trial(storage, "aa", h, rows)
+            hashes.append(h)
+    files = report.build_report("aa", storage)
+    page = Path(files.html).read_text()
+    assert "AutoAttack, standard version" in page  # every robustness caption names it
+    assert page.count("Robust accuracy under AutoAttack") >= 3
+    assert f"gradient-masking checks fired for trial {hashes[3]}" in page
+    assert sum(f"checks fired for trial {h}" in page for h in hashes) == 1
+    out = Path(files.html).parent
+    breakdown = pd.read_csv(out / "attack_breakdown.csv")
+    assert set(breakdown["fooled_by_apgd_ce"]) == {60}  # summed over the two seeds
+    bench = pd.read_csv(out / "robustbench.csv")
+    assert list(bench["eps"]) == [EPS_TRAIN, EPS_TRAIN] and bench["autoattack_acc"].notna().all()
+    assert {"clean_acc", "autoattack_acc", "threat_model", "architecture"} <= set(bench.columns)

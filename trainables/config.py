@@ -122,6 +122,14 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     # last-iterate PGD of the seed papers (attack "pgd")
     "eval_stop_on_success": (True, "bool", None),
     "eval_batch_size": (500, "int", "pos"),
+    # the evaluation attack (trainables.evaluate): "pgd" (eval_attack_steps, eval_step_size_factor,
+    # eval_restarts, eval_stop_on_success), "apgd" (APGD-CE then APGD-T) or "autoattack" (standard
+    # version: APGD-CE, APGD-T, FAB-T, Square; Croce and Hein 2020). The shipped studies set apgd at
+    # their default scale and autoattack at the paper scale; "pgd" overstates robustness.
+    "eval_attack": ("pgd", "str", ("pgd", "apgd", "autoattack")),
+    "eval_apgd_steps": (100, "int", "pos"),  # APGD (and FAB-T) iterations per run (AutoAttack: 100)
+    "eval_target_classes": (9, "int", "pos"),  # target classes of APGD-T and FAB-T (AutoAttack: 9)
+    "eval_square_queries": (5000, "int", "pos"),  # Square's queries per example (AutoAttack: 5000)
     "corruptions": ([], "list[str]", CORRUPTIONS),
     "corruption_severities": ([1, 2, 3, 4, 5], "list[int]", (1, 2, 3, 4, 5)),
     # test-time defence (trainables.defence): ssl_reverse = before classifying, find r with
@@ -180,6 +188,7 @@ HASH_NEUTRAL_DEFAULTS = frozenset({
 HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
     "label_free_eval", "label_free_eps", "label_free_steps", "label_free_examples", "smoothing_sigma",
     "smoothing_n0", "smoothing_n", "smoothing_alpha", "smoothing_radii",
+    "eval_attack", "eval_apgd_steps", "eval_target_classes", "eval_square_queries",
 })
 # Validation split and checkpoint selection, added later again: hashed only when changed.
 HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({"val_subset", "val_attack_steps", "checkpoint_selection"})

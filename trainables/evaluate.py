@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import torch
 
+import json
+
+from .attack_inputs import check_attack_input
 from .attacks import cross_entropy_objective, pgd, random_delta
+from .autoattack import APGD_ONLY, STANDARD, autoattack
 from .corruptions import corruption_accuracy
 from .device import autocast
 
 RECORD_KEYS = (
     "norm", "eps_test", "attack", "attack_steps", "step_size", "restarts", "n_examples",
     "clean_acc", "robust_acc", "corruption", "severity", "ood_set", "score", "measure", "value",
+    "fooled_by", "masking_flags",
 )
+EVAL_ATTACKS = ("pgd", "apgd", "autoattack")
 
 
 def fraction(correct: torch.Tensor) -> float:
@@ -50,8 +56,19 @@ def robust_accuracy_curve(
     attack_all: bool = False,
     random_start: bool = True,
     stop_on_success: bool = False,
+    attack: str = "pgd",
+    apgd_steps: int = 100,
+    target_classes: int = 9,
+    square_queries: int = 5000,
+    robust_masks: dict | None = None,
 ) -> list[dict]:
-    """Clean and PGD accuracy at each ε of the grid, in the model's eval mode.
+    """Clean and robust accuracy at each ε of the grid, in the model's eval mode.
+
+    `attack`: "pgd" (`steps` steps of step_size_factor·ε/steps, `restarts`), "apgd" (APGD-CE then
+    APGD-T over `target_classes` targets, `apgd_steps` each) or "autoattack" (the standard
+    version: APGD-CE, APGD-T, FAB-T, Square with `square_queries` queries; Croce and Hein 2020).
+    For apgd and autoattack each record's `fooled_by` is a JSON object {attack: examples it took at
+    this ε}, the examples the earlier attacks of the list (and smaller ε) left robust.
 
     ε is taken in ascending order and only the examples still classified correctly are attacked:
     an example fooled inside a small ball is fooled inside every larger one, so this is exact,
@@ -62,7 +79,13 @@ def robust_accuracy_curve(
     iterate that fools it and stops attacking it there (attack "pgd_any_iterate"; the same logic
     as the ascending order, one level down: a misclassified point inside the ball is proof), which
     makes each attack cheaper and never reports a higher accuracy than the last-iterate PGD.
+    `robust_masks`, when a dict, receives {ε: (N,) bool mask of the examples still robust}.
+    Raises ValueError for images outside [0, 1], NaN images or a negative ε.
     """
+    if attack not in EVAL_ATTACKS:
+        raise ValueError(f"unknown eval attack {attack!r}; use one of {', '.join(EVAL_ATTACKS)}")
+    for eps in eps_grid:
+        check_attack_input(x, float(eps), "robust_accuracy_curve")
     model.eval()
     x, y = x.detach(), y.detach()
     clean_correct = predictions(model, x, batch_size) == y
@@ -79,6 +102,26 @@ def robust_accuracy_curve(
         candidates = clean_correct if attack_all else still_correct
         index = candidates.nonzero().flatten()
         correct_now = torch.zeros_like(clean_correct)
+        if attack != "pgd":
+            members = STANDARD if attack == "autoattack" else APGD_ONLY
+            taken = torch.zeros(len(members), dtype=torch.long)
+            for i in range(0, len(index), batch_size):
+                batch = index[i : i + batch_size]
+                with autocast(x.device):
+                    _, fooled_by = autoattack(
+                        model, x[batch], y[batch], norm, eps, members, apgd_steps, target_classes,
+                        square_queries, init=None if starts is None else starts[batch], generator=generator,
+                    )
+                correct_now[batch] = fooled_by < 0
+                taken += torch.bincount(fooled_by[fooled_by >= 0].cpu(), minlength=len(members))
+            still_correct = correct_now if attack_all else still_correct & correct_now
+            record = _record(norm, eps, attack, apgd_steps, 2 * eps, 1, len(x), clean_acc,
+                             still_correct.float().mean().item())
+            record["fooled_by"] = json.dumps(dict(zip(members, taken.tolist())))
+            records.append(record)
+            if robust_masks is not None:
+                robust_masks[eps] = still_correct.clone()
+            continue
         for i in range(0, len(index), batch_size):
             batch = index[i : i + batch_size]
             with autocast(x.device):
@@ -90,6 +133,8 @@ def robust_accuracy_curve(
                 )
             correct_now[batch] = predictions(model, x_adv, batch_size) == y[batch]
         still_correct = correct_now if attack_all else still_correct & correct_now
+        if robust_masks is not None:
+            robust_masks[eps] = still_correct.clone()
         records.append(
             _record(norm, eps, "pgd_any_iterate" if stop_on_success else "pgd", steps, step_size, restarts,
                     len(x), clean_acc,
@@ -108,8 +153,31 @@ def _record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_
         norm=norm, eps_test=float(eps), attack=attack, attack_steps=int(steps),
         step_size=float(step_size), restarts=int(restarts), n_examples=int(n),
         clean_acc=float(clean_acc), robust_acc=float(robust_acc), corruption=None, severity=None,
-        ood_set=None, score=None, measure=None, value=None,
+        ood_set=None, score=None, measure=None, value=None, fooled_by=None, masking_flags=None,
     )
+
+
+def _masking_flags(model, x, y, norm, config, curve, masks) -> list[str]:
+    """The gradient-masking checks (trainables.masking) that fire for this curve, at the grid's ε
+    nearest ε_train (for the training norm) or the grid's median positive ε."""
+    from .masking import fired, masking_checks
+
+    positive = sorted(e for e in masks if e > 0)
+    if not positive:
+        return []
+    if norm == config["norm_train"] and config["eps_train"] > 0:
+        eps = min(positive, key=lambda e: abs(e - config["eps_train"]))
+    else:
+        eps = positive[len(positive) // 2]
+    square_ran = config["eval_attack"] == "autoattack"
+    result = masking_checks(model, x, y, norm, eps, None if square_ran else masks[eps],
+                            pgd_steps=config["eval_attack_steps"], seed=config["seed"])
+    names = fired(result)
+    if square_ran:
+        taken = sum(json.loads(r["fooled_by"]).get("square", 0) for r in curve if r.get("fooled_by"))
+        if taken > 0.01 * len(x):
+            names.append("square_beats_gradient")
+    return names
 
 
 def corruption_records(model, x, y, names, severities, batch_size=500, seed=0, clean_acc=None) -> list[dict]:
@@ -133,12 +201,19 @@ def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict, data_d
     the OOD-detection measures (`data_dir`: where a held-out OOD dataset such as mnist is read)."""
     records = []
     for norm in config["eval_norms"]:
-        records += robust_accuracy_curve(
+        masks: dict = {}
+        curve = robust_accuracy_curve(
             model, x, y, norm, config[f"eval_eps_{norm}"],
             steps=config["eval_attack_steps"], step_size_factor=config["eval_step_size_factor"],
             restarts=config["eval_restarts"], batch_size=config["eval_batch_size"], seed=config["seed"],
-            stop_on_success=config["eval_stop_on_success"],
+            stop_on_success=config["eval_stop_on_success"], attack=config["eval_attack"],
+            apgd_steps=config["eval_apgd_steps"], target_classes=config["eval_target_classes"],
+            square_queries=config["eval_square_queries"], robust_masks=masks,
         )
+        flags = _masking_flags(model, x, y, norm, config, curve, masks)
+        for record in curve:
+            record["masking_flags"] = ",".join(flags)
+        records += curve
     clean_acc = records[0]["clean_acc"] if records else None
     records += corruption_records(
         model, x, y, config["corruptions"], config["corruption_severities"],

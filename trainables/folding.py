@@ -7,8 +7,11 @@ model 10-20 times per example, so this is most of what an attack can save over a
 implementation (small_cnn on CPU: 25% per forward-backward). Pre-activation blocks (BN before the
 convolution, as in PreAct ResNet and WRN) have no such pairs and are copied unchanged.
 
-The copy is cached per model and rebuilt when any of its parameters or buffers change (an
-optimiser step, a load_state_dict), so calling `folded_for_eval(model)` for every batch is cheap.
+The copy is cached per model together with a snapshot of the model's parameters and buffers, and
+rebuilt whenever their contents differ from it. Comparing contents (not version counters) catches
+every route a weight can change by: an optimiser step, load_state_dict, but also `p.data.add_()`
+and `torch.nn.utils.vector_to_parameters`, which leave the version counter alone. The comparison
+costs one pass over the weights, far less than the attack step it precedes.
 """
 from __future__ import annotations
 
@@ -20,12 +23,17 @@ import torch.nn as nn
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[list, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
-def _state_versions(model: nn.Module) -> tuple:
-    # Every in-place change of a tensor bumps its version counter; new tensors have new ids.
-    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+def _state(model: nn.Module) -> list[torch.Tensor]:
+    return [t.detach() for t in (*model.parameters(), *model.buffers())]
+
+
+def _unchanged(state: list[torch.Tensor], snapshot: list[torch.Tensor]) -> bool:
+    return len(state) == len(snapshot) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(state, snapshot))
 
 
 @torch.no_grad()
@@ -72,11 +80,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def folded_for_eval(model: nn.Module) -> nn.Module:
-    """`fold_batchnorm(model)`, rebuilt only when the model's state changed since the last call."""
-    versions = _state_versions(model)
+    """`fold_batchnorm(model)`, rebuilt only when the model's weights or buffers differ from those
+    of the last call (by content, whatever changed them)."""
+    state = _state(model)
     cached = _CACHE.get(model)
-    if cached is not None and cached[0] == versions:
+    if cached is not None and _unchanged(state, cached[0]):
         return cached[1]
     folded = fold_batchnorm(model)
-    _CACHE[model] = (versions, folded)
+    _CACHE[model] = ([t.clone() for t in state], folded)
     return folded
