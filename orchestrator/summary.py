@@ -54,6 +54,50 @@ def robustness_table(spec, table) -> str:
     return render_columns(lines)
 
 
+def paired_difference_text(spec, table) -> str | None:
+    """Per λ (ssl_weight) and ε_test, robust accuracy minus that of λ = 0 in the same other factors,
+    paired on seeds (mean and 95% t-interval over the seeds both cells have), then in words which
+    differences exclude zero. None when the study does not vary λ or has no λ = 0 cell."""
+    from .report import diff_ci
+
+    if "ssl_weight" not in spec.varying() or table.empty:
+        return None
+    configs = table["config_json"].map(json.loads)
+    undefended = table["defence"].isna() if "defence" in table.columns else True
+    adv = table[table["corruption"].isna() & (table["norm"] == configs.map(lambda c: c["norm_train"]))
+                & undefended & table["eps_test"].notna()].copy()
+    others = [f for f in spec.factors if f not in ("seed", "ssl_weight") and len(spec.factors[f]) > 1]
+    adv_configs = adv["config_json"].map(json.loads)
+    for name in others:
+        adv[f"factor.{name}"] = adv_configs.map(lambda c, n=name: json.dumps(c.get(n)))
+    eps_values = sorted(adv["eps_test"].unique())
+    lines = [[*others, "λ", *(f"ε={e:g}" for e in eps_values)]]
+    separated = []
+    for key, group in (adv.groupby([f"factor.{n}" for n in others], sort=True) if others else [((), adv)]):
+        key = key if isinstance(key, tuple) else (key,)
+        base = group[group["ssl_weight"] == 0.0]
+        if base.empty:
+            continue
+        for lam in sorted(set(group["ssl_weight"]) - {0.0}):
+            row = [*(json.loads(k) for k in key), f"{lam:g} − 0"]
+            cell = group[group["ssl_weight"] == lam]
+            for eps in eps_values:
+                a = dict(zip(cell[cell["eps_test"] == eps]["seed"], cell[cell["eps_test"] == eps]["robust_acc"]))
+                b = dict(zip(base[base["eps_test"] == eps]["seed"], base[base["eps_test"] == eps]["robust_acc"]))
+                mean, half, n, _ = diff_ci(a, b)
+                row.append(mean_ci_cell(mean, half, n))
+                if n >= 2 and half == half and abs(mean) > half:
+                    where = ", ".join(f"{o}={json.loads(k)}" for o, k in zip(others, key))
+                    separated.append(f"λ={lam:g} vs 0 at ε={eps:g}{' (' + where + ')' if where else ''}: "
+                                     f"{'higher' if mean > 0 else 'lower'} by {abs(mean):.3f} ± {half:.3f}")
+            lines.append(row)
+    if len(lines) == 1:
+        return None
+    words = ("differences that exclude zero (95%, paired on seeds): " + "; ".join(separated)) if separated else \
+        "no difference to λ = 0 excludes zero at 95% (paired on seeds): the data do not separate these λ"
+    return render_columns(lines) + "\n" + words
+
+
 def defence_text(table) -> str | None:
     """Accuracy against ε_test behind a test-time defence, per trained model × defence × attack
     (plain / adaptive); None when the study has no defended rows."""
@@ -141,7 +185,13 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
             print(f"the report is on disk but could not be logged to MLflow: {error}", file=out)
     print("", file=out)
     print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
-    print(robustness_table(spec, results.with_aliases(results.own_evaluation(table), grid_aliases(trials))), file=out)
+    shown = results.with_aliases(results.own_evaluation(table), grid_aliases(trials))
+    print(robustness_table(spec, shown), file=out)
+    differences = paired_difference_text(spec, shown)
+    if differences:
+        print(f"\npaired difference to λ = 0 ({spec.name}; robust accuracy, mean ± 95% CI over the seeds both have):",
+              file=out)
+        print(differences, file=out)
     print("", file=out)
     defended = defence_text(results.own_evaluation(table))
     if defended is not None:

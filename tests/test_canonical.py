@@ -63,3 +63,25 @@ def test_the_grid_runs_an_experiment_once_and_shows_it_under_every_name(tmp_path
     text = robustness_table(spec, shown)
     lines = [line.split() for line in text.splitlines()[2:]]
     assert sorted((line[0], line[1]) for line in lines) == [("0.0", "ce"), ("0.0", "joint"), ("0.5", "ce"), ("0.5", "joint")]
+
+
+def test_paired_differences_to_lambda_zero_say_which_exclude_zero(tmp_path, monkeypatch):
+    from orchestrator.summary import paired_difference_text
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "d.yaml").write_text(json.dumps({
+        "description": "differences", "factors": {"ssl_weight": [0.0, 0.5, 2.0]}, "seeds": [0, 1, 2],
+        "fixed": {"ssl_task": "rotation", "eps_train": 0.1}}))
+    monkeypatch.setenv("SSLROBUST_STUDIES_DIR", str(studies))
+    spec = load_study("d")
+    storage = str(tmp_path / "runs")
+    noise = {0: 0.01, 1: -0.02, 2: 0.015}  # shared by the cells of a seed: pairing removes it
+    for t in spec.trials():
+        lam, seed = t.config["ssl_weight"], t.factors["seed"]
+        drop = 0.04 if lam == 2.0 else 0.001 * (seed - 1)  # λ = 2 really lower; λ = 0.5 only noise
+        results.write_trial(storage, "d", t.config_hash,
+                            _rows(t.config_hash, t.config, 0.5 + noise[seed] - drop, "d"))
+    text = paired_difference_text(spec, results.load("d", storage))
+    assert "λ=2 vs 0 at ε=0.1: lower by 0.040" in text
+    assert "λ=0.5 vs 0 at ε=0.1" not in text  # its interval straddles zero
