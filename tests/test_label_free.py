@@ -291,7 +291,7 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
     assert metrics["robust_acc/linf/0.1"] == 0.5
     assert metrics["label_free/center_smoothing_bound/0.05"] == pytest.approx(0.6)
     assert metrics["label_free/center_smoothing_abstain_rate/0.1"] == pytest.approx(0.1)
-    assert tracking.label_free_metric_name("center_smoothing_bound", 0.25) == "label_free/center_smoothing_bound/0.25"
+    assert metrics_mod.label_free_metric_name("center_smoothing_bound", 0.25) == "label_free/center_smoothing_bound/0.25"
 
     files = report.build_report("s", storage, out_dir=str(tmp_path / "out"))
     names = {p.rsplit("/", 1)[-1] for p in files.figures + files.tables}
@@ -392,7 +392,7 @@ def test_label_free_study_end_to_end(ray_cluster, workspace):
         assert child.data.metrics["label_free/overlap_risk"] == pytest.approx(overlap)
         assert child.data.metrics["certified_acc/0.25"] == pytest.approx(cert)
         for row in cs_rows[cs_rows.config_hash == chash].itertuples():
-            name = tracking.label_free_metric_name(row.measure, row.radius)
+            name = metrics_mod.label_free_metric_name(row.measure, row.radius)
             assert child.data.metrics[name] == pytest.approx(row.value)
         assert "label_free/repr_distance_targeted" in child.data.metrics and "clean_acc" in child.data.metrics
     report_dir = Path(options.storage) / "reports" / "lftiny"

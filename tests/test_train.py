@@ -269,15 +269,22 @@ def test_best_robust_val_selects_the_best_epoch_and_keeps_it_across_a_checkpoint
     best_epoch = max(range(len(history)), key=lambda i: (history[i], i)) + 1  # ties: the later epoch
     model, epoch = trainer.selected_model()
     assert epoch == best_epoch == trainer.best["epoch"]
-    # pretend the first epoch was the best: the copy has its weights, the trainer keeps the last
+    # pretend an untrained model's weights were the best epoch's: the copy has them, the trainer
+    # keeps the last epoch's, and the evaluation is of the copy
+    untrained = Trainer({**VAL_TINY, "seed": 5}, device="cpu").model
     trainer.best = {"epoch": 1, "val_robust_acc": 2.0,
-                    "model": {k: torch.zeros_like(v) for k, v in trainer.model.state_dict().items()}}
+                    "model": {k: v.clone() for k, v in untrained.state_dict().items()}}
     model, epoch = trainer.selected_model()
     assert epoch == 1 and model is not trainer.model
-    assert all(not v.any() for v in model.state_dict().values() if v.is_floating_point())
+    _assert_same_weights(model, untrained)
     assert _differs(model, trainer.model)
     records = trainer.evaluate()
-    assert trainer.selected_epoch == 1 and records[0]["clean_acc"] < 0.3  # the zeroed model's guess
+    data = trainer.test_data()
+    x, y = data.images.float() / 255, data.labels
+    untrained.eval()
+    with torch.no_grad():
+        expected = (untrained(x).argmax(1) == y).sum().item() / len(y)
+    assert trainer.selected_epoch == 1 and records[0]["clean_acc"] == expected
     buffer = io.BytesIO()
     torch.save(trainer.state_dict(), buffer)
     buffer.seek(0)
