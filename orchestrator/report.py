@@ -1103,6 +1103,21 @@ def label_free_display(table: pd.DataFrame, train_keys: list[str]) -> pd.DataFra
     return shown
 
 
+def _plot_radius_curves(ax, rows, curve_f, variants, styles, markers, colors) -> None:
+    """One line per (task, λ, variant) of mean against `radius` with its 95% band: the certified
+    accuracy and center-smoothing figures."""
+    curves = sorted(rows.groupby(curve_f, dropna=False), key=lambda kv: (str(kv[0][2]), float(kv[0][1])))
+    for (task, lam, variant), c in curves:
+        c = c.sort_values("radius")
+        x, y, ci = (c[k].to_numpy(float) for k in ("radius", "mean", "ci95"))
+        v = variants.index(variant) % len(styles)
+        color = colors(task, lam)
+        ax.plot(x, y, marker=markers[v], ms=3.5, lw=1.5, color=color, ls=styles[v],
+                label=f"{_lam_label(task, lam)}, {variant}, {_seed_label(c['n_seeds'])}")
+        if np.isfinite(ci).any():
+            ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+
+
 def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure | None:
     """Certified accuracy (randomized smoothing) against the l2 radius, one curve per λ × attack
     variant, a panel per any other swept factor; shaded: 95% t-interval over seeds."""
@@ -1122,16 +1137,7 @@ def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figu
         where = dict(zip(row_f, rv))
         sel = _select(sel_all, where)
         ax.set_title(_describe(where) if where else "certified accuracy (randomized smoothing)", fontsize=8)
-        curves = sorted(sel.groupby(curve_f, dropna=False), key=lambda kv: (str(kv[0][2]), float(kv[0][1])))
-        for (task, lam, variant), c in curves:
-            c = c.sort_values("radius")
-            x, y, ci = (c[k].to_numpy(float) for k in ("radius", "mean", "ci95"))
-            v = variants.index(variant) % len(styles)
-            color = colors(task, lam)
-            ax.plot(x, y, marker=markers[v], ms=3.5, lw=1.5, color=color, ls=styles[v],
-                    label=f"{_lam_label(task, lam)}, {variant}, {_seed_label(c['n_seeds'])}")
-            if np.isfinite(ci).any():
-                ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+        _plot_radius_curves(ax, sel, curve_f, variants, styles, markers, colors)
         ax.set_xlabel("l2 radius r", fontsize=8)
         ax.set_ylabel("certified accuracy at r", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
@@ -1169,16 +1175,7 @@ def plot_center_smoothing(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure
             if part.empty:
                 _empty_panel(ax, "every image abstained")
                 continue
-            curves = sorted(part.groupby(curve_f, dropna=False), key=lambda kv: (str(kv[0][2]), float(kv[0][1])))
-            for (task, lam, variant), c in curves:
-                c = c.sort_values("radius")
-                x, y, ci = (c[k].to_numpy(float) for k in ("radius", "mean", "ci95"))
-                v = variants.index(variant) % len(styles)
-                color = colors(task, lam)
-                ax.plot(x, y, marker=markers[v], ms=3.5, lw=1.5, color=color, ls=styles[v],
-                        label=f"{_lam_label(task, lam)}, {variant}, {_seed_label(c['n_seeds'])}")
-                if np.isfinite(ci).any():
-                    ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+            _plot_radius_curves(ax, part, curve_f, variants, styles, markers, colors)
             ax.set_xlabel("l2 input radius ε", fontsize=8)
             if measure == "center_smoothing_abstain_rate":
                 ax.set_ylim(-0.02, 1.02)
