@@ -197,7 +197,7 @@ def evaluate_kept_model(study: str, storage: str, chash: str, config: dict, data
 
 
 def _rows(study: str, chash: str, config: dict, records: list[dict], own, eval_hash: str) -> list[dict]:
-    from .trainable import CONFIG_COLUMNS
+    from .results import CONFIG_COLUMNS
     from .tracking import provenance_tags
 
     first = own.iloc[0] if len(own) else None
@@ -221,7 +221,7 @@ def _log_to_mlflow(uri: str, study: str, eval_hash: str, overrides: dict,
     import tempfile
 
     from . import tracking
-    from .trainable import result_metrics, summary_metrics
+    from .metrics import trial_metrics
 
     sqlite_path = uri.split(":///", 1)[1].split("?", 1)[0] if uri.lower().startswith("sqlite:///") else None
     if sqlite_path and not os.path.exists(sqlite_path):  # MLflow would create an empty store
@@ -244,11 +244,10 @@ def _log_to_mlflow(uri: str, study: str, eval_hash: str, overrides: dict,
             if run_id is None:
                 errors.append(f"{chash}: no MLflow run with tag {tracking.HASH_TAG}={chash}")
                 continue
-            metrics = {**result_metrics(records), **summary_metrics(config, records)}
-            now = int(time.time() * 1000)
+            now = int(time.time() * 1000)  # the same metrics (and ε-step curves) a trial's run gets
             client.log_batch(run_id, metrics=[
-                Metric(f"{METRIC_PREFIX}/{eval_hash}/{name}", float(value), now, 0)
-                for name, value in metrics.items() if value is not None and value == value
+                Metric(f"{METRIC_PREFIX}/{eval_hash}/{name}", float(value), now, step)
+                for name, value, step in trial_metrics(config, records) if value is not None and value == value
             ], tags=[RunTag(TAG_PREFIX + eval_hash, settings)], synchronous=True)
             with tempfile.TemporaryDirectory() as folder:
                 from .results import file_name

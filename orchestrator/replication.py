@@ -56,7 +56,7 @@ def seeds_with_results(spec: StudySpec, storage: str) -> dict[str, list[int]]:
 
 def measure_by_cell(spec: StudySpec, table) -> dict[str, dict[int, float]]:
     """Cell -> seed -> the replication measure of that trial (summary_metrics of its own rows)."""
-    from .trainable import summary_metrics
+    from .metrics import summary_metrics
 
     cell_of = {t.config_hash: (cell_key(t.factors), t.factors["seed"], t.config) for t in spec.trials()}
     out: dict[str, dict[int, float]] = {}

@@ -139,9 +139,9 @@ def test_smoke_study_reevaluated_keeps_both_sets_and_its_history(ray_cluster, wo
                                for k in r.data.metrics} for r in children}
     assert all("train_loss" in h for h in history.values())
     for child in children:  # the kept model was logged with the run
-        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        names = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
         chash = child.data.tags["sslrobust.config_hash"]
-        assert {f"{chash}.pt", f"{chash}.json"} <= names
+        assert {f"model/{chash}.pt", f"model/{chash}.json"} <= names
 
     sets = ["--set", "eval_stop_on_success=false", "--set", "eval_attack_steps=4"]
     args = ["smoke", "--scale", "smoke", *sets, "--storage", storage, "--tracking-uri", uri]
