@@ -251,10 +251,12 @@ class StudyTracking(Callback):
 
         from trainables.masking import masking_tags  # (imports torch: not at the driver's start)
 
-        masking = masking_tags(records)  # gradient-masking checks that fired, as run tags
+        tags = masking_tags(records)  # gradient-masking checks that fired, as run tags
+        if len(table) and isinstance(table["node_id"].iloc[0], str):  # where it ran (known once it reports)
+            tags["sslrobust.node_id"] = table["node_id"].iloc[0]
 
         def log(c):
-            for key, value in masking.items():
+            for key, value in tags.items():
                 c.set_tag(run.run_id, key, value)
             for i in range(0, len(metrics), _METRICS_PER_BATCH):
                 c.log_batch(run.run_id, metrics=metrics[i:i + _METRICS_PER_BATCH], synchronous=True)
