@@ -1103,19 +1103,30 @@ def label_free_display(table: pd.DataFrame, train_keys: list[str]) -> pd.DataFra
     return shown
 
 
-def _plot_radius_curves(ax, rows, curve_f, variants, styles, markers, colors) -> None:
-    """One line per (task, λ, variant) of mean against `radius` with its 95% band: the certified
-    accuracy and center-smoothing figures."""
-    curves = sorted(rows.groupby(curve_f, dropna=False), key=lambda kv: (str(kv[0][2]), float(kv[0][1])))
-    for (task, lam, variant), c in curves:
-        c = c.sort_values("radius")
-        x, y, ci = (c[k].to_numpy(float) for k in ("radius", "mean", "ci95"))
-        v = variants.index(variant) % len(styles)
-        color = colors(task, lam)
-        ax.plot(x, y, marker=markers[v], ms=3.5, lw=1.5, color=color, ls=styles[v],
-                label=f"{_lam_label(task, lam)}, {variant}, {_seed_label(c['n_seeds'])}")
-        if np.isfinite(ci).any():
-            ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+def _radius_figure_layout(sel_all: pd.DataFrame, train_keys: list[str]):
+    """What the figures against an l2 radius (certified accuracy, center smoothing) share: the
+    factors that make rows of panels, those rows, and `draw(ax, rows_of_one_panel)`, which draws one
+    line per (task, λ, variant) of mean against `radius` with its 95% band."""
+    curve_f = ["ssl_task", "ssl_weight", "attack_variant"]
+    row_f = [k for k in _varying(sel_all, train_keys) if k not in curve_f]
+    rows = sorted({tuple(r) for r in sel_all[row_f].itertuples(index=False)}, key=_sort_key) if row_f else [()]
+    colors = _Colors(sel_all["ssl_weight"])
+    variants = sorted(set(sel_all["attack_variant"]))
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
+
+    def draw(ax, part: pd.DataFrame) -> None:
+        curves = sorted(part.groupby(curve_f, dropna=False), key=lambda kv: (str(kv[0][2]), float(kv[0][1])))
+        for (task, lam, variant), c in curves:
+            c = c.sort_values("radius")
+            x, y, ci = (c[k].to_numpy(float) for k in ("radius", "mean", "ci95"))
+            v = variants.index(variant) % len(styles)
+            color = colors(task, lam)
+            ax.plot(x, y, marker=markers[v], ms=3.5, lw=1.5, color=color, ls=styles[v],
+                    label=f"{_lam_label(task, lam)}, {variant}, {_seed_label(c['n_seeds'])}")
+            if np.isfinite(ci).any():
+                ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, lw=0)
+
+    return row_f, rows, draw
 
 
 def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure | None:
@@ -1124,20 +1135,14 @@ def plot_certified_accuracy(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figu
     sel_all = agg_lf[agg_lf["measure"] == "certified_acc"] if not agg_lf.empty else agg_lf
     if sel_all.empty:
         return None
-    curve_f = ["ssl_task", "ssl_weight", "attack_variant"]
-    row_f = [k for k in _varying(sel_all, train_keys) if k not in curve_f]
-    rows = sorted({tuple(r) for r in sel_all[row_f].itertuples(index=False)}, key=_sort_key) if row_f else [()]
-    colors = _Colors(sel_all["ssl_weight"])
-    variants = sorted(set(sel_all["attack_variant"]))
-    styles = ["-", "--", ":", "-."]
-    markers = ["o", "s", "^", "D"]
+    row_f, rows, draw = _radius_figure_layout(sel_all, train_keys)
     fig, axes = _new_figure(len(rows), 1, w=7.0, h=4.0, sharey=True)
     for i, rv in enumerate(rows):
         ax = axes[i, 0]
         where = dict(zip(row_f, rv))
         sel = _select(sel_all, where)
         ax.set_title(_describe(where) if where else "certified accuracy (randomized smoothing)", fontsize=8)
-        _plot_radius_curves(ax, sel, curve_f, variants, styles, markers, colors)
+        draw(ax, sel)
         ax.set_xlabel("l2 radius r", fontsize=8)
         ax.set_ylabel("certified accuracy at r", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
@@ -1155,12 +1160,7 @@ def plot_center_smoothing(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure
     sel_all = agg_lf[agg_lf["measure"].isin(CENTER_SMOOTHING_MEASURES)] if not agg_lf.empty else agg_lf
     if sel_all.empty:
         return None
-    curve_f = ["ssl_task", "ssl_weight", "attack_variant"]
-    row_f = [k for k in _varying(sel_all, train_keys) if k not in curve_f]
-    rows = sorted({tuple(r) for r in sel_all[row_f].itertuples(index=False)}, key=_sort_key) if row_f else [()]
-    colors = _Colors(sel_all["ssl_weight"])
-    variants = sorted(set(sel_all["attack_variant"]))
-    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
+    row_f, rows, draw = _radius_figure_layout(sel_all, train_keys)
     panels = [("center_smoothing_bound", "certified bound (l2, representation)"),
               ("center_smoothing_bound_normalized", "bound / median clean-pair distance"),
               ("center_smoothing_abstain_rate", "abstention rate")]
@@ -1175,7 +1175,7 @@ def plot_center_smoothing(agg_lf: pd.DataFrame, train_keys: list[str]) -> Figure
             if part.empty:
                 _empty_panel(ax, "every image abstained")
                 continue
-            _plot_radius_curves(ax, part, curve_f, variants, styles, markers, colors)
+            draw(ax, part)
             ax.set_xlabel("l2 input radius ε", fontsize=8)
             if measure == "center_smoothing_abstain_rate":
                 ax.set_ylim(-0.02, 1.02)
