@@ -22,17 +22,21 @@ def render_columns(lines: list[list]) -> str:
     return "\n".join(rendered)
 
 
+def training_norm_robustness(table):
+    """The robustness rows (trainables.row_kind, undefended) of each trial's training norm, a copy."""
+    from trainables.row_kind import ROBUSTNESS
+
+    norm_train = table["config_json"].map(lambda text: json.loads(text)["norm_train"])
+    return table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == norm_train)].copy()
+
+
 def robustness_table(spec, table) -> str:
     """Robust accuracy (mean ± 95% CI over seeds) against ε_test, a row per cell of the factors."""
     from .report import mean_ci
 
     if table.empty:
         return "(no results yet)"
-    configs = table["config_json"].map(json.loads)
-    norm_train = configs.map(lambda c: c["norm_train"])
-    from trainables.row_kind import ROBUSTNESS
-
-    adv = table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == norm_train)].copy()
+    adv = training_norm_robustness(table)
     if adv.empty:
         return "(no adversarial results)"
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
@@ -62,10 +66,7 @@ def paired_difference_text(spec, table) -> str | None:
 
     if "ssl_weight" not in spec.varying() or table.empty:
         return None
-    configs = table["config_json"].map(json.loads)
-    undefended = table["defence"].isna() if "defence" in table.columns else True
-    adv = table[table["corruption"].isna() & (table["norm"] == configs.map(lambda c: c["norm_train"]))
-                & undefended & table["eps_test"].notna()].copy()
+    adv = training_norm_robustness(table)
     others = [f for f in spec.factors if f not in ("seed", "ssl_weight") and len(spec.factors[f]) > 1]
     adv_configs = adv["config_json"].map(json.loads)
     for name in others:
