@@ -1,17 +1,18 @@
-"""How far the default evaluation is from AutoAttack on the models the default weight_sweep trains.
+"""How far candidate evaluations are from AutoAttack on the models a finished weight_sweep kept.
 
-Loads each trial's last Ray Tune checkpoint of a finished `weight_sweep` run, and evaluates it on the
-study's test images with each candidate evaluation (the ascending-ε curve of trainables.evaluate) and
-with the standard AutoAttack; prints robust accuracy per ε, the largest excess over AutoAttack
-(positive: the candidate overstates robustness) and the seconds each took.
+Loads each kept model of the study (`orchestrator.models_store.load_model`), takes the study's own
+test images (the trial's `test_subset` draw), and evaluates it with each candidate (the ascending-ε
+curve of trainables.evaluate) and with the standard AutoAttack over the same grid. Prints robust
+accuracy per ε, the largest excess over AutoAttack (positive: the candidate overstates robustness)
+and the seconds each took on this machine.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/measure_default_eval.py /tmp/i17runs/tune/weight_sweep-*/ \
-        --images 500 --trials 00000 00002 00004 00006
+    cd /tmp/ws && python -m orchestrator.study weight_sweep --set eval_attack=pgd   # trains the models
+    OMP_NUM_THREADS=1 python /path/to/benchmarks/measure_default_eval.py --storage /tmp/ws/runs \
+        [--seeds 0] [--candidates pgd10 apgd_s10_t1 apgd_s20_t3]
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -21,69 +22,64 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from orchestrator.spec import load_study  # noqa: E402
-from trainables.config import resolve  # noqa: E402
+from orchestrator.models_store import load_model, models_dir  # noqa: E402
+from trainables.data import load_split  # noqa: E402
+from trainables.train import DATA_SELECTION_SEED  # noqa: E402
 from trainables.evaluate import robust_accuracy_curve  # noqa: E402
-from trainables.train import Trainer  # noqa: E402
 
 CANDIDATES = {
     "pgd10": dict(attack="pgd", steps=10, stop_on_success=True),
+    "apgd_s5_t1": dict(attack="apgd", apgd_steps=5, target_classes=1),
     "apgd_s10_t1": dict(attack="apgd", apgd_steps=10, target_classes=1),
+    "apgd_s10_t3": dict(attack="apgd", apgd_steps=10, target_classes=3),
     "apgd_s20_t1": dict(attack="apgd", apgd_steps=20, target_classes=1),
     "apgd_s20_t3": dict(attack="apgd", apgd_steps=20, target_classes=3),
     "autoattack": dict(attack="autoattack"),
 }
 
 
-def load_trial(trial_dir: str, fixed: dict):
-    cell = json.load(open(os.path.join(trial_dir, "params.json")))["cell"]
-    config = resolve({**fixed, **cell})
-    checkpoint = sorted(glob.glob(os.path.join(trial_dir, "checkpoint_*")))[-1]
-    state = torch.load(os.path.join(checkpoint, "trial_state.pt"), map_location="cpu", weights_only=False)
-    trainer = Trainer(config, device="cpu")
-    trainer.load_state_dict(state["trainer"])
-    trainer.model.eval()
-    return cell, config, trainer
+def kept_hashes(storage: str, study: str) -> list[str]:
+    folder = models_dir(storage, study)
+    return sorted(name[:-5] for name in os.listdir(folder) if name.endswith(".json"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("tune_dir")
-    parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--trials", nargs="*", default=None, help="trial-id suffixes, e.g. 00000")
-    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES))
+    parser.add_argument("--storage", default="runs")
+    parser.add_argument("--study", default="weight_sweep")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="only models of these seeds")
+    parser.add_argument("--images", type=int, default=None, help="first N of the study's test images")
+    parser.add_argument("--candidates", nargs="*", default=["pgd10", "apgd_s10_t1", "apgd_s20_t3"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    fixed = load_study("weight_sweep").fixed
-    dirs = sorted(d for d in glob.glob(os.path.join(args.tune_dir, "*_0*")) if os.path.isdir(d))
-    if args.trials:
-        dirs = [d for d in dirs if any(os.path.basename(d).split("_")[1] == t for t in args.trials)]
-    for trial_dir in dirs:
-        cell, config, trainer = load_trial(trial_dir, fixed)
-        data = trainer.test_data()
-        x, y = data.images.float()[: args.images] / 255, data.labels[: args.images]
+    names = [c for c in args.candidates if c != "autoattack"] + ["autoattack"]
+    excess = {name: [] for name in names}
+    for config_hash in kept_hashes(args.storage, args.study):
+        model, config = load_model(args.study, config_hash, args.storage)
+        if args.seeds is not None and config["seed"] not in args.seeds:
+            continue
+        data = load_split(config["dataset"], False, None, config["test_subset"], DATA_SELECTION_SEED)
+        x, y = data.images.float() / 255, data.labels
+        if args.images:
+            x, y = x[: args.images], y[: args.images]
         grid = config["eval_eps_linf"]
         curves, seconds = {}, {}
-        for name in args.candidates:
+        for name in names:
             start = time.perf_counter()
-            records = robust_accuracy_curve(trainer.model, x, y, "linf", grid, seed=config["seed"],
-                                            **CANDIDATES[name])
+            records = robust_accuracy_curve(model, x, y, "linf", grid, seed=config["seed"], **CANDIDATES[name])
             seconds[name] = time.perf_counter() - start
             curves[name] = [r["robust_acc"] for r in records]
-            if name == "autoattack":
-                print("  autoattack fooled_by:", [r["fooled_by"] for r in records], flush=True)
-        from trainables.masking import fired, masking_checks
-
-        start = time.perf_counter()
-        checks = masking_checks(trainer.model, x, y, "linf", config["eps_train"], still_robust=None)
-        print(f"  masking checks: fired {fired(checks)} in {time.perf_counter() - start:.1f} s: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in checks.items() if k.endswith("_value")), flush=True)
-        print(f"trial {os.path.basename(trial_dir)} λ={cell['ssl_weight']} seed={cell['seed']} "
-              f"({len(y)} images); ε = {grid}", flush=True)
-        for name in args.candidates:
-            excess = max(a - b for a, b in zip(curves[name], curves["autoattack"])) if "autoattack" in curves else float("nan")
-            print(f"  {name:12s} {' '.join(f'{a:.3f}' for a in curves[name])}  max excess {excess:+.3f}  "
+        print(f"model {config_hash} λ={config['ssl_weight']} seed={config['seed']} ({len(y)} images); "
+              f"ε = {grid}", flush=True)
+        if records[-1].get("fooled_by"):
+            print("  autoattack fooled_by:", json.dumps([r.get("fooled_by") for r in records[1:]]), flush=True)
+        for name in names:
+            worst = max(a - b for a, b in zip(curves[name], curves["autoattack"]))
+            excess[name].append(worst)
+            print(f"  {name:12s} {' '.join(f'{a:.3f}' for a in curves[name])}  max excess {worst:+.3f}  "
                   f"{seconds[name]:.1f} s", flush=True)
+    print("largest excess over AutoAttack across models:",
+          ", ".join(f"{name} {max(v):+.3f}" for name, v in excess.items() if v), flush=True)
 
 
 if __name__ == "__main__":
