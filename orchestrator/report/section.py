@@ -47,7 +47,7 @@ class Inputs:
     agg_ood: pd.DataFrame  # train keys + ood_set + score + measure, value `value`
     agg_lf: pd.DataFrame  # train keys + measure + radius, value `value`
     attack_text: str
-    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    _memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def train_keys(self) -> list[str]:
