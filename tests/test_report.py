@@ -103,6 +103,15 @@ def test_mean_ci_matches_scipy():
     assert paired and n == 3 and m == pytest.approx(np.mean([0.5, 1.0, 1.0]))
 
 
+def test_summary_and_statistics_load_without_matplotlib():
+    """The end-of-run tables need intervals, not plotting: matplotlib stays out of their import."""
+    code = ("import sys, orchestrator.summary, orchestrator.report.statistics; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_lambda_effect_recovers_planted_effect(full_study):
     storage, _ = full_study
     data = prepare(results.load("known", storage))
