@@ -1,3 +1,4 @@
+"""`python -m orchestrator.report NAME`: see cli.py."""
 import sys
 
 from .cli import main
