@@ -71,6 +71,12 @@ def _all_cells(inputs: Inputs) -> pd.DataFrame:
                                  "clean_mean", "clean_ci95"]]
 
 
+def _seeds_per_configuration(inputs: Inputs) -> tuple[int, int]:
+    """The fewest and the most seeds of any evaluated configuration (0, 0 without any)."""
+    counts = [a["n_seeds"] for a in (inputs.agg_adv, inputs.agg_cor, inputs.agg_ood, inputs.agg_lf) if len(a)]
+    return int(min((c.min() for c in counts), default=0)), int(max((c.max() for c in counts), default=0))
+
+
 def build_report(
     study: str,
     storage: str = "runs",
@@ -116,18 +122,6 @@ def build_report(
         spec_text = _default_spec_text(study)
 
     data = prepare(df)
-    notes = list(data.notes)
-    notes.extend(replication)  # adaptive replication: seeds per cell and why (orchestrator.replication)
-    if aliases:
-        notes.append(f"{sum(len(a) for a in aliases.values())} cell(s) of the grid are the same experiment as another "
-                     "(e.g. λ = 0 under the 'ce' and 'joint' variants, or any variant at ε_train = 0): each was "
-                     "trained once and is shown under every name.")
-    if evaluation_note:
-        notes.insert(0, evaluation_note)
-    if others:
-        notes.insert(0, f"The kept models were evaluated again ({len(others)} re-evaluation(s), "
-                        f"python -m orchestrator.evaluate); this report shows the trials' own evaluation, the "
-                        f"others are in the folder(s) " + ", ".join(f"eval-{h}/" for h in others) + " of this one.")
     tk = data.train_keys
     inputs = Inputs(
         study=study, df=df, data=data,
@@ -138,10 +132,16 @@ def build_report(
         agg_lf=aggregate(data.label_free, tk + list(LABEL_FREE_EVAL_COLUMNS), value="value"),
         attack_text=attack_description(df),
     )
-
-    seed_counts = [a["n_seeds"] for a in (inputs.agg_adv, inputs.agg_cor, inputs.agg_ood, inputs.agg_lf) if len(a)]
-    n_max = int(max((c.max() for c in seed_counts), default=0))
-    n_min = int(min((c.min() for c in seed_counts), default=0))
+    n_min, n_max = _seeds_per_configuration(inputs)
+    notes = ([f"The kept models were evaluated again ({len(others)} re-evaluation(s), python -m "
+              "orchestrator.evaluate); this report shows the trials' own evaluation, the others are in the "
+              "folder(s) " + ", ".join(f"eval-{h}/" for h in others) + " of this one."] if others else [])
+    notes += [evaluation_note] if evaluation_note else []
+    notes += data.notes + replication  # adaptive replication: seeds per cell and why (orchestrator.replication)
+    if aliases:
+        notes.append(f"{sum(len(a) for a in aliases.values())} cell(s) of the grid are the same experiment as another "
+                     "(e.g. λ = 0 under the 'ce' and 'joint' variants, or any variant at ε_train = 0): each was "
+                     "trained once and is shown under every name.")
     if n_max <= 1:
         notes.append(f"Only 1 seed per configuration ({ONE_SEED}s or intervals; a CI needs ≥ 2 seeds).")
     elif n_min == 1:

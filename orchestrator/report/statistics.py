@@ -196,7 +196,7 @@ def prepare(df: pd.DataFrame) -> StudyData:
     d["seed"] = d["seed"].astype(int)
     kinds = results.row_kinds(d)  # trainables.row_kind: the one rule
     is_cor, is_ood, is_lf = kinds == CORRUPTION, kinds == OOD, kinds == LABEL_FREE
-    # rows behind a test-time defence (trainables.defence) have their own figure (plot_defence)
+    # rows behind a test-time defence (trainables.defence) have their own figure (report.defence)
     adv_raw = d[kinds == ROBUSTNESS].copy()
     cor_raw = d[is_cor].copy()
     adv_raw["norm"] = adv_raw["norm"].astype(object)
