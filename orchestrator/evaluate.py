@@ -285,7 +285,7 @@ def _child_run(client, experiment_id: str, chash: str, own) -> str | None:
 
 def _finish(spec, storage: str, overrides: dict, eval_hash: str, outcome: EvaluationOutcome, out) -> None:
     from . import results
-    from .report import build_report
+    from .report.build import build_report
     from .summary import robustness_table
 
     table = results.load(spec.name, storage)

@@ -137,7 +137,7 @@ class StudyTracking(Callback):
         robust_acc_at_eps_train/ssl_weight:0.5 and robust_acc_at_eps_train_ci95/ssl_weight:0.5."""
         from mlflow.entities import Metric
 
-        from .report import mean_ci
+        from .report.statistics import mean_ci
 
         cells: dict[str, dict[str, list[float]]] = {}
         for name, summary in self._cell_results.items():

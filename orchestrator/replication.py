@@ -73,7 +73,7 @@ def measure_by_cell(spec: StudySpec, table) -> dict[str, dict[int, float]]:
 
 def decide(spec: StudySpec, table) -> list[CellDecision]:
     """One round's decision for every cell of the grid (the table: the study's own rows)."""
-    from .report import mean_ci
+    from .report.statistics import mean_ci
 
     rep = spec.replication
     values = measure_by_cell(spec, table)
@@ -109,7 +109,7 @@ def describe(decisions: list[CellDecision], rep) -> list[str]:
 def run_replicated(spec: StudySpec, options, out=sys.stdout):
     """Run the grid with adaptive replication (`spec.replication`); returns the last round's
     StudyOutcome. Rounds stop when no cell needs another seed, or when a round had failures."""
-    from .report import build_report
+    from .report.build import build_report
     from .runner import run_study
     from .summary import record_grid
 

@@ -32,7 +32,7 @@ def training_norm_robustness(table):
 
 def robustness_table(spec, table) -> str:
     """Robust accuracy (mean ± 95% CI over seeds) against ε_test, a row per cell of the factors."""
-    from .report import mean_ci
+    from .report.statistics import mean_ci
 
     if table.empty:
         return "(no results yet)"
@@ -62,7 +62,7 @@ def paired_difference_text(spec, table) -> str | None:
     """Per λ (ssl_weight) and ε_test, robust accuracy minus that of λ = 0 in the same other factors,
     paired on seeds (mean and 95% t-interval over the seeds both cells have), then in words which
     differences exclude zero. None when the study does not vary λ or has no λ = 0 cell."""
-    from .report import diff_ci
+    from .report.statistics import diff_ci
 
     if "ssl_weight" not in spec.varying() or table.empty:
         return None
@@ -102,7 +102,7 @@ def paired_difference_text(spec, table) -> str | None:
 def defence_text(table) -> str | None:
     """Accuracy against ε_test behind a test-time defence, per trained model × defence × attack
     (plain / adaptive); None when the study has no defended rows."""
-    from .report import defence_table
+    from .report.statistics import defence_table
 
     agg = defence_table(table)
     if agg.empty:
@@ -125,7 +125,7 @@ def defence_text(table) -> str | None:
 def ood_auroc_table(spec, table) -> str | None:
     """OOD-detection AUROC (mean ± 95% CI over seeds) per cell of the factors, a column per OOD
     set × score; None when the study has no OOD rows."""
-    from .report import mean_ci
+    from .report.statistics import mean_ci
 
     if table.empty or "ood_set" not in table.columns:
         return None
@@ -168,7 +168,7 @@ def grid_aliases(trials) -> dict[str, list[dict]]:
 def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, log_report=None) -> str | None:
     """Write the report, log it with ``log_report(paths, artifact_path)`` (returns an error line or
     None; None: not logged), print the robustness tables and where everything is."""
-    from .report import build_report
+    from .report.build import build_report
 
     record_grid(spec, trials, storage)
     table = results.load(spec.name, storage)

@@ -172,7 +172,9 @@ def test_defence_raises_accuracy_under_plain_pgd_and_adaptive_pgd_takes_it_back(
 def test_report_draws_the_defence_figure_and_keeps_defended_rows_out_of_the_others(tmp_path):
     import json
 
-    from orchestrator import report
+    from orchestrator.report.build import build_report
+    from orchestrator.report.defence import plot_defence
+    from orchestrator.report.statistics import defence_table, prepare
 
     storage = str(tmp_path)
     for n, (tasks, seed) in enumerate([({"rotation": 0.5}, 0), ({"rotation": 0.5}, 1),
@@ -188,14 +190,14 @@ def test_report_draws_the_defence_figure_and_keeps_defended_rows_out_of_the_othe
         ]
         results.write_trial(storage, "d", h, [dict(r, study="d", seed=seed, config_json=cfg, trial_id=h) for r in rows])
     df = results.load("d", storage)
-    table = report.defence_table(df)
+    table = defence_table(df)
     plain = table[(table.defence != "none") & (table.attack == "plain") & (table.eps_test == 0.1)
                   & (table.model == "rotation")]
     assert plain["mean"].tolist() == pytest.approx([0.505]) and plain["n_seeds"].tolist() == [2]
     assert set(table["defence"]) == {"none", "ssl_reverse (rotation)", "ssl_reverse (rotation+contrastive)"}
-    data = report.prepare(df)
+    data = prepare(df)
     assert data.adv["robust_acc"].max() == pytest.approx(0.8)  # no defended row in the standard curves
     assert set(data.clean["clean_acc"]) == {0.8}  # defended clean accuracy is not the clean accuracy
-    report.build_report("d", storage, out_dir=str(tmp_path / "rep"))
+    build_report("d", storage, out_dir=str(tmp_path / "rep"))
     assert (tmp_path / "rep" / "defence.png").is_file()
-    assert report.plot_defence(report.defence_table(df[df["defence"].isna()])) is None
+    assert plot_defence(defence_table(df[df["defence"].isna()])) is None

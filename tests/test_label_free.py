@@ -13,7 +13,11 @@ import pytest
 import torch
 from scipy import stats
 
-from orchestrator import report, results, metrics as metrics_mod
+from orchestrator import results, metrics as metrics_mod
+from orchestrator.report.build import build_report
+from orchestrator.report.label_free import label_free_table
+from orchestrator.report.smoothing import plot_center_smoothing
+from orchestrator.report.statistics import aggregate, prepare
 from trainables import label_free as lf
 from trainables import smoothing
 from trainables.config import ConfigError, resolve
@@ -293,13 +297,13 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
     assert metrics["label_free/center_smoothing_abstain_rate/0.1"] == pytest.approx(0.1)
     assert metrics_mod.label_free_metric_name("center_smoothing_bound", 0.25) == "label_free/center_smoothing_bound/0.25"
 
-    files = report.build_report("s", storage, out_dir=str(tmp_path / "out"))
+    files = build_report("s", storage, out_dir=str(tmp_path / "out"))
     names = {p.rsplit("/", 1)[-1] for p in files.figures + files.tables}
     assert {"certified_accuracy.png", "center_smoothing.png", "label_free.md", "label_free.csv"} <= names
-    data = report.prepare(df)
+    data = prepare(df)
     assert data.adv["norm"].notna().all() and len(data.adv) == 16  # measure rows are not robustness rows
-    table = report.label_free_table(report.aggregate(data.label_free, data.train_keys + ["measure", "radius"],
-                                                     value="value"), data.train_keys)
+    table = label_free_table(aggregate(data.label_free, data.train_keys + ["measure", "radius"],
+                                       value="value"), data.train_keys)
     assert len(table) == 4  # λ × variant
     row = table[(table["ssl_weight"] == 0.5) & (table["attack_variant"] == "repr")].iloc[0]
     assert row["breakaway_risk_mean"] == pytest.approx(0.205) and row["certified_acc@0.5_mean"] == pytest.approx(0.25)
@@ -309,8 +313,8 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
     cs_columns = [c[: -len("_mean")] for c in table.columns if c.startswith("center_smoothing") and c.endswith("_mean")]
     assert cs_columns == [f"center_smoothing_{m}@{e}" for m in ("bound", "bound_normalized", "abstain_rate")
                           for e in ("0.05", "0.1")]
-    fig = report.plot_center_smoothing(report.aggregate(data.label_free, data.train_keys + ["measure", "radius"],
-                                                        value="value"), data.train_keys)
+    fig = plot_center_smoothing(aggregate(data.label_free, data.train_keys + ["measure", "radius"],
+                                          value="value"), data.train_keys)
     bound_panel = fig.axes[0]
     assert len(bound_panel.get_lines()) == 4  # a curve per λ × variant
     assert sorted(bound_panel.get_lines()[0].get_xdata()) == [0.05, 0.1]
@@ -322,7 +326,7 @@ def test_rows_round_trip_tracking_names_and_report(tmp_path):
 def test_report_has_no_label_free_section_without_such_rows(tmp_path):
     rows = [r for r in _rows("h0", 0, 0.5, "ce") if r.get("measure") is None]
     results.write_trial(str(tmp_path), "s", "h0", rows)
-    files = report.build_report("s", str(tmp_path), out_dir=str(tmp_path / "out"))
+    files = build_report("s", str(tmp_path), out_dir=str(tmp_path / "out"))
     names = {p.rsplit("/", 1)[-1] for p in files.figures + files.tables}
     assert not {"certified_accuracy.png", "center_smoothing.png", "label_free.md"} & names
 

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import report, results, metrics as metrics_mod
+from orchestrator import results, metrics as metrics_mod
+from orchestrator.report.build import build_report
+from orchestrator.report.ood import ood_table
+from orchestrator.report.statistics import OOD_EVAL_COLUMNS, aggregate, prepare
 from orchestrator.results import ResultsError
 from trainables import ood
 from trainables.config import ConfigError, resolve
@@ -218,13 +221,13 @@ def test_report_gets_ood_and_label_noise_tables_and_figures(tmp_path):
             for noise in (0.0, 0.4):
                 results.write_trial(storage, "s", f"h{n}", [dict(r, study="s") for r in _rows(f"h{n}", seed, lam, noise)])
                 n += 1
-    files = report.build_report("s", storage, out_dir=str(tmp_path / "out"))
+    files = build_report("s", storage, out_dir=str(tmp_path / "out"))
     names = {p.rsplit("/", 1)[-1] for p in files.figures + files.tables}
     assert {"ood_auroc.png", "ood.md", "ood.csv", "label_noise.png", "label_noise.md", "label_noise.csv"} <= names
-    data = report.prepare(results.load("s", storage))
+    data = prepare(results.load("s", storage))
     assert data.adv["norm"].notna().all() and len(data.adv) == 8  # OOD rows are not robustness results
-    keys = data.train_keys + list(report.OOD_EVAL_COLUMNS)
-    table = report.ood_table(report.aggregate(data.ood, keys, value="value"), data.train_keys)
+    keys = data.train_keys + list(OOD_EVAL_COLUMNS)
+    table = ood_table(aggregate(data.ood, keys, value="value"), data.train_keys)
     rot = table[(table["score"] == "rotation") & (table["ssl_weight"] == 0.5) & (table["ood_set"] == "gaussian")]
     assert len(rot) == 2  # one per label-noise value
     assert rot["auroc_mean"].tolist() == pytest.approx([0.9 + 0.025 + 0.005] * 2)

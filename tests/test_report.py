@@ -15,7 +15,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from orchestrator import report, results
+from orchestrator import results
+from orchestrator.report.build import build_report
+from orchestrator.report.cli import main as report_main
+from orchestrator.report.labels import NO_BASELINE, ONE_SEED
+from orchestrator.report.robustness import (
+    best_variant_table, clean_vs_robust_table, delta_table, lambda_effect_table, plot_clean_vs_robust,
+    plot_delta_vs_lambda0, plot_robust_vs_eps, pretrain_vs_scratch_table,
+)
+from orchestrator.report.statistics import CONFIG_COLUMNS, aggregate, diff_ci, mean_ci, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = (0.0, 0.05, 0.1, 0.15, 0.2)
@@ -53,7 +61,7 @@ def write_cell(storage, study, seed, lam, variant="joint", init="scratch", eps=E
     h = hashlib.sha256(text.encode()).hexdigest()[:12]
     common = {
         "study": study, "trial_id": f"t_{h}", "config_hash": h, "seed": seed,
-        **{k: cfg[k] for k in report.CONFIG_COLUMNS},
+        **{k: cfg[k] for k in CONFIG_COLUMNS},
         "attack_steps": 10, "restarts": 1, "n_examples": 1000,
         "clean_acc": 0.95 - 0.01 * lam + noise(h, "clean"), "node_id": "n1", "finished_at": FINISHED,
         "config_json": text, "git_sha": "abc1234",
@@ -86,19 +94,28 @@ def full_study(tmp_path_factory):
 
 def test_mean_ci_matches_scipy():
     x = [0.1, 0.3, 0.25, 0.2]
-    m, ci, n = report.mean_ci(x)
+    m, ci, n = mean_ci(x)
     assert n == 4 and m == pytest.approx(np.mean(x))
     assert ci == pytest.approx(stats.t.ppf(0.975, 3) * np.std(x, ddof=1) / 2)
-    m, ci, n = report.mean_ci([0.4])
+    m, ci, n = mean_ci([0.4])
     assert (m, n) == (0.4, 1) and math.isnan(ci)
-    m, ci, n, paired = report.diff_ci({0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.5, 1: 1.0, 2: 3.0, 3: 9.0})
+    m, ci, n, paired = diff_ci({0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.5, 1: 1.0, 2: 3.0, 3: 9.0})
     assert paired and n == 3 and m == pytest.approx(np.mean([0.5, 1.0, 1.0]))
+
+
+def test_summary_and_statistics_load_without_matplotlib():
+    """The end-of-run tables need intervals, not plotting: matplotlib stays out of their import."""
+    code = ("import sys, orchestrator.summary, orchestrator.report.statistics; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_lambda_effect_recovers_planted_effect(full_study):
     storage, _ = full_study
-    data = report.prepare(results.load("known", storage))
-    table = report.lambda_effect_table(data)
+    data = prepare(results.load("known", storage))
+    table = lambda_effect_table(data)
     assert set(table["ssl_weight"]) == {0.5, 1.0, 2.0}
     assert len(table) == 3 * 2  # 3 λ > 0 × 2 variants
     raw = results.load("known", storage)
@@ -127,9 +144,9 @@ def test_lambda_effect_recovers_planted_effect(full_study):
 
 def test_robust_vs_eps_figure_has_one_curve_per_lambda(full_study):
     storage, _ = full_study
-    data = report.prepare(results.load("known", storage))
-    agg = report.aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
-    fig = report.plot_robust_vs_eps(agg, data.train_keys)
+    data = prepare(results.load("known", storage))
+    agg = aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
+    fig = plot_robust_vs_eps(agg, data.train_keys)
     panels = [ax for ax in fig.axes if ax.get_lines()]
     assert len(panels) == 2  # joint and ce (one init, one norm, one ε_train)
     for ax in panels:
@@ -139,8 +156,8 @@ def test_robust_vs_eps_figure_has_one_curve_per_lambda(full_study):
         assert len(ax.collections) == len(LAMBDAS)  # one CI band per curve
         vlines = [ln for ln in ax.get_lines() if ln.get_label() == "_eps_train"]
         assert len(vlines) == 1 and vlines[0].get_xdata()[0] == EPS_TRAIN
-    delta = report.delta_table(data)[0]
-    fig2 = report.plot_delta_vs_lambda0(delta, agg, data.train_keys)
+    delta = delta_table(data)[0]
+    fig2 = plot_delta_vs_lambda0(delta, agg, data.train_keys)
     for ax in [ax for ax in fig2.axes if ax.get_lines()]:
         assert len([ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]) == len(LAMBDAS) - 1
 
@@ -150,16 +167,16 @@ def test_best_variant_and_pretrain_tables(tmp_path):
     for seed in range(2):
         for init in ("scratch", "ssl_pretrained"):
             write_cell(storage, "inits", seed, 0.5, "joint", init, eps=(0.0, 0.1))
-    data = report.prepare(results.load("inits", storage))
-    pvs = report.pretrain_vs_scratch_table(data)
+    data = prepare(results.load("inits", storage))
+    pvs = pretrain_vs_scratch_table(data)
     assert len(pvs) == 2 and pvs["paired"].all() and (pvs["n_seeds"] == 2).all()
-    best = report.best_variant_table(report.aggregate(data.adv, data.train_keys + ["norm", "eps_test"]), data.train_keys)
+    best = best_variant_table(aggregate(data.adv, data.train_keys + ["norm", "eps_test"]), data.train_keys)
     assert best.empty  # one variant only
 
 
 def test_build_report_full(full_study, tmp_path):
     storage, expected = full_study
-    files = report.build_report("known", storage, out_dir=str(tmp_path / "rep"), spec_text="name: known\nseeds: 3\n",
+    files = build_report("known", storage, out_dir=str(tmp_path / "rep"), spec_text="name: known\nseeds: 3\n",
                                 expected_hashes=expected)
     page = Path(files.html).read_text()
     assert page.count("data:image/png;base64,") == 4  # all four figures embedded
@@ -192,21 +209,21 @@ def test_partial_one_seed_study(tmp_path):
     for lam in (2.0, 4.0):
         cfg = dict(expected[h], ssl_weight=lam)
         expected[f"missing{int(lam)}"] = cfg
-    files = report.build_report("part", storage, expected_hashes=expected)
+    files = build_report("part", storage, expected_hashes=expected)
     assert files.html == str(Path(storage) / "reports" / "part" / "report.html")
     page = Path(files.html).read_text()
     assert "1 seed" in page and "no confidence band" in page
-    assert report.NO_BASELINE in page
+    assert NO_BASELINE in page
     assert "2 of 5 expected cells are missing" in page
     assert "missing2" in page and "missing4" in page
-    data = report.prepare(results.load("part", storage))
-    agg = report.aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
-    fig = report.plot_robust_vs_eps(agg, data.train_keys)
+    data = prepare(results.load("part", storage))
+    agg = aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
+    fig = plot_robust_vs_eps(agg, data.train_keys)
     labels = [ln.get_label() for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")]
-    assert len(labels) == 3 and all(report.ONE_SEED in lb for lb in labels)
+    assert len(labels) == 3 and all(ONE_SEED in lb for lb in labels)
     assert all(len(ax.collections) == 0 for ax in fig.axes)  # no bands with one seed
-    effect_table = report.lambda_effect_table(data)
-    assert set(effect_table["baseline"]) == {"λ=0", report.NO_BASELINE}
+    effect_table = lambda_effect_table(data)
+    assert set(effect_table["baseline"]) == {"λ=0", NO_BASELINE}
     assert effect_table["ci95_below"].isna().all()
 
 
@@ -215,9 +232,9 @@ def test_swept_config_key_is_a_factor_not_a_seed(tmp_path):
     for epochs in (1, 2):
         for lam in (0.0, 1.0):
             write_cell(storage, "ep", 0, lam, extra_config={"epochs": epochs})
-    data = report.prepare(results.load("ep", storage))
+    data = prepare(results.load("ep", storage))
     assert data.extras == ["epochs"]
-    agg = report.aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
+    agg = aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
     assert (agg["n_seeds"] == 1).all()
 
 
@@ -226,8 +243,8 @@ def test_no_ssl_task_counts_as_lambda_zero(tmp_path):
     for seed in range(2):
         write_cell(storage, "nossl", seed, 0.5, variant="ce", ssl_task="none")  # ssl_weight default ignored
         write_cell(storage, "nossl", seed, 1.0, variant="ce")
-    data = report.prepare(results.load("nossl", storage))
-    table = report.lambda_effect_table(data)
+    data = prepare(results.load("nossl", storage))
+    table = lambda_effect_table(data)
     assert len(table) == 1 and table["baseline"].iloc[0] == "no SSL task"
     assert table["delta_above"].iloc[0] == pytest.approx(-0.2, abs=0.05)
 
@@ -240,12 +257,12 @@ def test_cli_missing_study_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nosuchstudy" in lines[0] and "Traceback" not in proc.stderr
-    assert report.main(["bad/name", "--storage", str(tmp_path)]) == 2
+    assert report_main(["bad/name", "--storage", str(tmp_path)]) == 2
 
 
 def test_cli_success_prints_path(full_study, tmp_path, capsys):
     storage, _ = full_study
-    assert report.main(["known", "--storage", storage, "--out", str(tmp_path / "o")]) == 0
+    assert report_main(["known", "--storage", storage, "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out.strip()
     assert out == str(tmp_path / "o" / "report.html") and os.path.isfile(out)
 
@@ -254,9 +271,9 @@ def test_bookkeeping_keys_in_config_json_do_not_split_seeds(tmp_path):
     storage = str(tmp_path)
     for seed in range(2):
         write_cell(storage, "bk", seed, 0.5, extra_config={"launched_by": f"user{seed}"})  # not a config setting
-    data = report.prepare(results.load("bk", storage))
+    data = prepare(results.load("bk", storage))
     assert data.extras == []
-    agg = report.aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
+    agg = aggregate(data.adv, data.train_keys + ["norm", "eps_test"])
     assert (agg["n_seeds"] == 2).all()
 
 
@@ -265,10 +282,10 @@ def test_clean_vs_robust_uses_nearest_grid_point_above_eps_train(tmp_path):
     for seed in range(2):
         write_cell(storage, "grid", seed, 0.5, eps=(0.0, 0.05, 0.15, 0.2), eps_train=0.1)
         write_cell(storage, "grid", seed, 0.5, eps=(0.0, 0.05, 0.15, 0.2), eps_train=0.05, variant="ce")
-    table = report.clean_vs_robust_table(report.prepare(results.load("grid", storage)))
+    table = clean_vs_robust_table(prepare(results.load("grid", storage)))
     chosen = dict(zip(table["eps_train"], table["eps_test"]))
     assert chosen == {0.1: 0.15, 0.05: 0.05}
-    fig = report.plot_clean_vs_robust(table, report.prepare(results.load("grid", storage)).train_keys)
+    fig = plot_clean_vs_robust(table, prepare(results.load("grid", storage)).train_keys)
     assert any("nearest grid point" in ax.get_xlabel() for ax in fig.axes)
 
 
@@ -288,7 +305,7 @@ def test_report_names_the_attack_breaks_it_down_and_warns_about_masking(tmp_path
                     r["masking_flags"] = "zero_gradient" if (seed, lam) == (1, 0.5) else ""
             results.write_trial(storage, "aa", h, rows)
             hashes.append(h)
-    files = report.build_report("aa", storage)
+    files = build_report("aa", storage)
     page = Path(files.html).read_text()
     assert "AutoAttack, standard version" in page  # every robustness caption names it
     assert page.count("Robust accuracy under AutoAttack") >= 3

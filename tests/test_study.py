@@ -308,7 +308,7 @@ def test_cells_without_a_result_are_listed_and_the_rebuilt_report_equals_the_end
     import re
 
     from orchestrator.pretrain import pretrained_path
-    from orchestrator.report import main as report_main
+    from orchestrator.report.cli import main as report_main
 
     studies, options = workspace
     write_study(studies, "gap", {"init": ["scratch", "ssl_pretrained"]}, epochs=1)

@@ -8,6 +8,8 @@ import math
 
 import pandas as pd
 
+from .section import Inputs, Section
+
 ATTACK_NAMES = {
     "pgd": "PGD on the cross-entropy (last iterate)",
     "pgd_any_iterate": "PGD on the cross-entropy (any iterate)",
@@ -112,3 +114,24 @@ def masking_warnings(df: pd.DataFrame) -> list[str]:
             f"variant {r.attack_variant}, seed {int(r.seed)}): {flags}. Its robust accuracy may be "
             "overstated; evaluate it with eval_attack=autoattack and see README (evaluation).")
     return warnings
+
+
+def notes(inputs: Inputs) -> list[str]:
+    """The attack behind the robust accuracies, then a warning per trial whose masking checks fired."""
+    return [inputs.attack_text] + masking_warnings(inputs.df)
+
+
+def robustbench_section(inputs: Inputs) -> Section:
+    return Section("robustbench", "RobustBench-style summary",
+                   "One line per configuration at ε_test = ε_train, in RobustBench's field names: clean_acc and "
+                   "autoattack_acc (mean over seeds; empty unless the study ran eval_attack=autoattack), plus the "
+                   "study's own robust accuracy and the attack that produced it.",
+                   table=robustbench_table(inputs.df))
+
+
+def breakdown_section(inputs: Inputs) -> Section:
+    return Section("attack_breakdown", "Which attack fooled each example",
+                   "Per configuration × ε_test, summed over seeds: the examples each attack fooled first (the "
+                   "attacks run in the order of the columns, each on the examples the earlier ones and the smaller "
+                   "ε left robust), as AutoAttack's own log counts them. " + inputs.attack_text,
+                   table=breakdown_table(inputs.df))
