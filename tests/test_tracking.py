@@ -232,7 +232,7 @@ def test_distinct_eps_never_share_a_metric_and_curves_step_on_the_eps_scale():
     assert result_metric_name("l2", 1.0, None, None) == "robust_acc/l2/1"
     records = [_record("linf", e, 1 - e) for e in eps]
     metrics = record_metrics(records)
-    curve = sorted((s, v) for n, v, s in metrics if n == "robust_acc_linf")
+    curve = sorted((s, v) for n, v, s in metrics if n == "acc_vs_eps/robust_acc_linf")
     assert curve == sorted((int(round(e * EPS_STEP_SCALE)), 1 - e) for e in eps)
     assert (1000, 0.9) in curve  # ε = 0.1 at step 1000
     scalars = {n: v for n, v, s in metrics if s == 0}
@@ -362,7 +362,8 @@ def test_backfill_of_a_defended_trial_logs_exactly_what_the_live_callback_logs(s
     assert histories(live_run) == histories(filled)
     assert live_run.data.params == filled.data.params and "depth" not in filled.data.params
     names = set(live_run.data.metrics)
-    assert {"defended_acc/ssl_reverse/pgd_adaptive/linf/0.1", "robust_acc/linf/0.1", "robust_acc_linf"} <= names
+    assert {"defended_acc/ssl_reverse/pgd_adaptive/linf/0.1", "robust_acc/linf/0.1", "acc_vs_eps/robust_acc_linf",
+            "acc_vs_eps/defended_acc_ssl_reverse_pgd_adaptive_linf"} <= names
     assert live_run.data.metrics["robust_acc/linf/0.1"] == 0.5  # not the defended 0.4 or 0.7
     parent = c.get_run(live.parent_run_id)  # a summary per cell (one seed here: no CI half-width)
     assert parent.info.status == "FINISHED" and parent.data.metrics["robust_acc_at_eps_train/ssl_weight:0.5"] == 0.5
