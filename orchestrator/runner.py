@@ -534,5 +534,5 @@ def _description(spec: StudySpec) -> str:
     if "seed" in varying:
         grid += ("; " if grid else "") + f"seeds {spec.seeds}"
     return (f"{text}\n\nVaries: {grid or 'nothing'}. Each child run is one trial, named by its factors. "
-            f"Curves: robust_acc_<norm> is robust accuracy with step = round(ε·10^4) (ε=0.1 at step 1000); "
-            f"robust_acc/<norm>/<ε> are the same points as scalars.")
+            f"Curves: acc_vs_eps/robust_acc_<norm> is robust accuracy against ε with step = round(ε·10^4) "
+            f"(ε=0.1 at step 1000); robust_acc/<norm>/<ε> are the same points as scalars.")
