@@ -10,7 +10,8 @@ Tune runs its callbacks on the driver's event loop, so the slow part (reading th
 drawing the figure, metric batches, artifact uploads, ending runs) is handed to one background
 thread (`orchestrator.mlflow_writer`) that writes in the order the hooks ran; only a new trial's
 run is created on the loop itself, because the trial reads its run id from a file before it
-writes its rows. The writer is drained when the invocation ends (`end`, also on errors).
+writes its rows. The writer is drained when the invocation ends (`end`, also on errors). The
+parent run's heartbeat is renewed by a second such thread, so that it never waits behind uploads.
 
 Failure model: a failed MLflow call never stops the study. The trial's tracking stops at its first
 failure (its results are in Parquet); the failures are listed at the end with the
@@ -92,6 +93,9 @@ class StudyTracking(Callback):
         self._cell_results: dict[str, dict] = {}  # run name -> summary of the finished trial
         self._last_beat = 0.0
         self._writer = BackgroundWriter()
+        # The heartbeat has a thread of its own: a long artifact upload in the writer must not make
+        # this invocation look dead to another one (liveness.STALE_AFTER_S).
+        self._beats = BackgroundWriter("mlflow-heartbeat")
         _active = self
 
     def __reduce__(self):
@@ -115,6 +119,7 @@ class StudyTracking(Callback):
     def end(self, status: str) -> None:
         """Log the per-cell summary to the parent run and end it with ``status``."""
         self._writer.drain()  # everything the trials' hooks handed over is written first
+        self._beats.drain()
         if self.parent_run_id is None:
             return
         try:
@@ -174,7 +179,8 @@ class StudyTracking(Callback):
         if self.parent_run_id is None or time.time() - self._last_beat < liveness.HEARTBEAT_EVERY_S:
             return
         self._last_beat = time.time()
-        self._writer.submit(self._heartbeat, "renew the heartbeat")
+        if not self._beats.pending():  # one at a time: a slow server gets no queue of them
+            self._beats.submit(self._heartbeat, "renew the heartbeat")
 
     def _heartbeat(self) -> None:
         try:  # what tells another invocation (on another host) that this one is alive
