@@ -182,7 +182,7 @@ def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | No
 # The runs table nests child runs under a collapsed parent unless the runs are filtered and ordered
 # by something other than their start time. This view lists the study's trial runs by name, their
 # curves overlaid first in the chart view (orchestrator.metrics).
-TRIALS_VIEW = (f"runs?{ML_VIEW}&compareRunsMode=CHART&orderByKey=attributes.run_name&orderByAsc=true"
+TRIALS_VIEW = (f"runs?{ML_VIEW}&compareRunsMode=CHART&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
                "&searchFilter=tags.%60sslrobust.role%60%20%3D%20%27trial%27")
 
 

@@ -52,12 +52,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
     raise SystemExit(f"mlflow ui at {url} did not answer within {timeout:g} s")
 
 
-def screenshot(browser: str, url: str, path: Path, wait_ms: int, height: int = 1000) -> None:
+def screenshot(browser: str, url: str, path: Path, wait_ms: int, height: int = 1200) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as profile:  # no view choice or chart layout remembered
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", f"--window-size=1600,{height}",
+                        f"--user-data-dir={profile}", f"--window-size=2400,{height}",  # wide: charts get room
                         f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     print(f"{path}  <- {url}")
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("study")
     parser.add_argument("--tracking-uri", required=True, help="e.g. sqlite:////tmp/runs/mlflow.db")
     parser.add_argument("--out", default="mlflow_screenshots", help="folder for the PNG files")
-    parser.add_argument("--wait-ms", type=int, default=20000, help="time the page gets to render")
+    parser.add_argument("--wait-ms", type=int, default=60000, help="(virtual) time the page gets to render; "
+                        "charts still loading show as spinners")
     args = parser.parse_args(argv)
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         print(f"error: no MLflow experiment '{args.study}' at {args.tracking_uri}", file=sys.stderr)
         return 2
     children = client.search_runs([experiment.experiment_id], "tags.`sslrobust.role` = 'trial'",
-                                  order_by=["attributes.start_time ASC"], max_results=1)
+                                  order_by=["attributes.run_name ASC"], max_results=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
         screenshot(browser, trials.replace("compareRunsMode=CHART", "compareRunsMode=TABLE"),
                    out / "runs_table.png", args.wait_ms)
         if children:
-            screenshot(browser, f"{base}/runs/{children[0].info.run_id}?{view}", out / "one_run.png", args.wait_ms)
+            screenshot(browser, f"{base}/runs/{children[0].info.run_id}?{view}", out / "one_run.png", args.wait_ms,
+                       height=2000)  # down to its metrics
             screenshot(browser, f"{base}/runs/{children[0].info.run_id}/model-metrics?{view}",
                        out / "one_run_metrics.png", args.wait_ms)
         screenshot(browser, trials, out / "chart_view.png", args.wait_ms, height=1400)

@@ -370,6 +370,48 @@ def test_backfill_of_a_defended_trial_logs_exactly_what_the_live_callback_logs(s
     assert [a.path for a in c.list_artifacts(live.parent_run_id)] == ["study.yaml"]
 
 
+def test_the_background_writer_keeps_the_order_and_reports_a_failing_job(capsys):
+    from orchestrator.mlflow_writer import BackgroundWriter
+
+    writer, seen = BackgroundWriter(), []
+    for i in range(200):
+        writer.submit(lambda i=i: seen.append(i))
+    writer.submit(lambda: 1 / 0, "divide by zero")
+    writer.submit(lambda: seen.append("after"))
+    writer.drain()
+    assert seen == [*range(200), "after"]  # in order; a failing job does not stop the ones after it
+    assert len(writer.failures) == 1 and "divide by zero failed (ZeroDivisionError" in writer.failures[0]
+    assert "WARNING: MLflow writer: divide by zero failed" in capsys.readouterr().out
+
+
+def test_a_trial_whose_results_cannot_be_read_is_reported_by_the_callback(sqlite_uri, tmp_path):
+    """The writer reads the trial's Parquet file off Tune's loop; when that fails the failure is in
+    the callback's errors (the end-of-study summary, which names --backfill-tracking) and the
+    trial's tracking stops there: its run is left for the backfill to complete."""
+    from types import SimpleNamespace
+
+    from orchestrator.mlflow_callback import StudyTracking
+    from orchestrator.trainable import StudyContext
+
+    storage = str(tmp_path / "runs")
+    context = StudyContext(study="unread", storage=storage, tracking_uri=sqlite_uri,
+                           fixed={"eval_eps_linf": [0.0, 0.1]}, cpus_per_trial=1, invocation="unread-1")
+    trial = SimpleNamespace(trial_id="t0001", config={"cell": {"ssl_weight": 0.5, "seed": 0}}, status="RUNNING")
+    live = StudyTracking(sqlite_uri, "unread", storage=storage, invocation="unread-1", context=context,
+                         varying=["ssl_weight"], description="d", spec_text="factors: {}",
+                         parent_name="unread live", parent_params={}, parent_tags={})
+    live.set_up()
+    live.on_trial_start(0, [], trial)
+    live.on_trial_result(1, [], trial, {"epoch": 1, "train_loss": 0.5, "parquet": "/nonexistent.parquet"})
+    live.on_trial_complete(1, [], trial)
+    live.end("FINISHED")
+    errors = live.errors()
+    assert len(errors) == 1 and "failed to log the trial's results for trial 'ssl_weight=0.5'" in errors[0], errors
+    assert "No such file" in errors[0]
+    [run] = client(sqlite_uri).search_runs([live.experiment_id], "tags.`sslrobust.role` = 'trial'")
+    assert run.info.status == "RUNNING" and run.data.metrics == {"train_loss": 0.5}
+
+
 def test_progress_line_counts_the_trial_that_ends_and_shows_its_cell():
     import io
     from types import SimpleNamespace
