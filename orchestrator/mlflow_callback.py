@@ -270,22 +270,27 @@ class StudyTracking(Callback):
 
         from .trial_figure import trial_curve_png
 
-        table = results.trial_table(self.storage, self.study, run.config_hash)
+        try:
+            table = results.trial_table(self.storage, self.study, run.config_hash)
+        except Exception as exc:  # noqa: BLE001 - the trial's tracking fails (its run is left for the backfill)
+            def unreadable(c):
+                raise exc
+
+            self._call(run, "log the trial's results", unreadable)
+            return
         records = table.astype(object).where(table.notna(), None).to_dict("records")
         self._cell_results[run.name] = summary_metrics(run.config, records)  # the parent's summary
-        if run.error is not None or run.run_id is None:
-            return
-        now = int(time.time() * 1000)
-        metrics = [Metric(n, v, now, s) for n, v, s in trial_metrics(run.config, records)]
-        fs, path = storage_mod.filesystem_and_path(f"{results.study_dir(self.storage, self.study)}/{run.config_hash}.parquet")
 
-        from trainables.masking import masking_tags  # (imports torch: not at the driver's start)
+        def log(c):  # (what fails in here, reading included, is the trial's tracking failure)
+            from trainables.masking import masking_tags  # (imports torch: not at the driver's start)
 
-        tags = masking_tags(records)  # gradient-masking checks that fired, as run tags
-        if len(table) and isinstance(table["node_id"].iloc[0], str):  # where it ran (known once it reports)
-            tags["sslrobust.node_id"] = table["node_id"].iloc[0]
-
-        def log(c):
+            now = int(time.time() * 1000)
+            metrics = [Metric(n, v, now, s) for n, v, s in trial_metrics(run.config, records)]
+            fs, path = storage_mod.filesystem_and_path(
+                f"{results.study_dir(self.storage, self.study)}/{run.config_hash}.parquet")
+            tags = masking_tags(records)  # gradient-masking checks that fired, as run tags
+            if len(table) and isinstance(table["node_id"].iloc[0], str):  # where it ran (known once it reports)
+                tags["sslrobust.node_id"] = table["node_id"].iloc[0]
             for key, value in tags.items():
                 c.set_tag(run.run_id, key, value)
             for i in range(0, len(metrics), _METRICS_PER_BATCH):
