@@ -239,6 +239,32 @@ def test_distinct_eps_never_share_a_metric_and_curves_step_on_the_eps_scale():
     assert scalars["robust_acc/linf/0.10025"] == 1 - 0.10025 and scalars["robust_acc/linf/0.1"] == 0.9
 
 
+def test_the_curves_come_first_in_mlflows_chart_view():
+    """MLflow 3's chart view puts a metric ``a/b`` in section ``a``, orders the sections by name (by
+    code unit when it first lays them out, by localeCompare, here case-insensitively, when runs bring
+    new ones) and puts the
+    names without ``/`` last: every curve's section must come before every other section a trial
+    or the parent run has."""
+    from orchestrator.metrics import is_curve, record_metrics
+
+    records = [_record("linf", 0.0, 0.9), _record("linf", 0.1, 0.5), _record("l2", 0.5, 0.6),
+               _record("linf", 0.1, 0.4, attack="pgd_adaptive", defence="ssl_reverse"),
+               _record(corruption="gaussian_noise", severity=1, acc=0.8),
+               _record(corruption="gaussian_noise", severity=3, acc=0.7),
+               _record(attack="none", measure="certified_acc", value=0.4, radius=0.25, robust_acc=None),
+               _record(attack="none", measure="certified_acc", value=0.3, radius=0.5, robust_acc=None),
+               _record(attack="none", ood_set="gaussian", score="rotation", measure="auroc", value=0.7,
+                       robust_acc=None)]
+    names = {n for n, _, _ in record_metrics(records)}
+    names |= {"robust_acc_at_eps_train/ssl_weight:0.5", "clean_acc_ci95/ssl_weight:0.5",  # the parent's
+              "reeval/0123abcd/acc_vs_eps/robust_acc_linf"}
+    sections = {n.rsplit("/", 1)[0] for n in names if "/" in n}
+    curves = {n.rsplit("/", 1)[0] for n in names if is_curve(n)}
+    assert curves == {"acc_vs_eps", "acc_vs_radius", "acc_vs_severity"}
+    for order in (sorted(sections), sorted(sections, key=lambda x: (x.casefold(), x))):
+        assert set(order[:len(curves)]) == curves, order
+
+
 def test_row_kind_decides_every_kind_once():
     from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, row_kind
 
