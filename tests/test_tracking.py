@@ -241,10 +241,9 @@ def test_distinct_eps_never_share_a_metric_and_curves_step_on_the_eps_scale():
 
 def test_the_curves_come_first_in_mlflows_chart_view():
     """MLflow 3's chart view puts a metric ``a/b`` in section ``a``, orders the sections by name (by
-    code unit when it first lays them out, by localeCompare, here case-insensitively, when runs bring
-    new ones) and puts the
-    names without ``/`` last: every curve's section must come before every other section a trial
-    or the parent run has."""
+    code unit when it first lays them out, by localeCompare, here case-insensitively, when runs
+    bring new ones) and puts the names without ``/`` last: every curve's section must come before
+    every other section a trial or the parent run has."""
     from orchestrator.metrics import is_curve, record_metrics
 
     records = [_record("linf", 0.0, 0.9), _record("linf", 0.1, 0.5), _record("l2", 0.5, 0.6),
