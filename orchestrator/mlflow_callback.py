@@ -253,7 +253,8 @@ class StudyTracking(Callback):
                      if k not in _NOT_LOGGED and isinstance(v, (int, float)) and not isinstance(v, bool)]
             if batch and run.epochs.get(step) != len(batch):  # the final report repeats the last epoch
                 run.epochs[step] = len(batch)
-                self._submit(run, f"log epoch {step}", lambda c: c.log_batch(run.run_id, metrics=batch, synchronous=True))
+                self._submit(run, f"log epoch {step}",
+                             lambda c: c.log_batch(run.run_id, metrics=batch, synchronous=True))
         if result.get("reused_result"):  # another invocation trained this cell meanwhile: not ours
             def delete(c):
                 c.delete_run(run.run_id)
