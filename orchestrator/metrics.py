@@ -3,12 +3,16 @@ histories over ε, and the summary numbers a search optimises. Pure functions ov
 (`trainables.evaluate.RECORD_KEYS`), shared by the live tracking callback and `--backfill-tracking`,
 so both log exactly the same metrics.
 
-Curves: ``robust_acc_<norm>`` (and ``defended_acc_<defence>_<attack>_<norm>``,
-``certified_acc``) is one metric whose history holds one point per ε, at step round(ε·EPS_STEP_SCALE):
-ε = 0.1 is step 1000, 8/255 is step 314. MLflow's chart view then draws accuracy against ε and
-overlays runs. ``corruption_acc_<corruption>`` has one point per severity (step = severity). The
-scalars (``robust_acc/linf/0.1``) carry ε exactly (the shortest repr of the float), so two distinct
-ε are always two metrics.
+Curves: ``acc_vs_eps/robust_acc_<norm>`` (and ``acc_vs_eps/defended_acc_<defence>_<attack>_<norm>``,
+``acc_vs_radius/certified_acc``) is one metric whose history holds one point per ε, at step
+round(ε·EPS_STEP_SCALE): ε = 0.1 is step 1000, 8/255 is step 314. MLflow's chart view then draws
+accuracy against ε and overlays runs. ``acc_vs_severity/corruption_acc_<corruption>`` has one point
+per severity (step = severity). The ``acc_vs_`` sections are named so that MLflow 3's chart view
+shows them first: it puts a metric ``a/b`` in section ``a``, sorts the sections by name and puts
+the section of the names without a ``/`` last (mlflow/server/js/src/experiment-tracking/components/
+runs-charts/runs-charts.types.ts, getBaseChartAndSectionConfigs). The scalars
+(``robust_acc/linf/0.1``) carry ε exactly (the shortest repr of the float), so two distinct ε are
+always two metrics.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNES
 EPS_STEP_SCALE = 10_000  # step of ε on a curve: round(ε · 10^4)
 MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param names
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
+# The chart-view sections of the curves, by their x axis (see the module docstring).
+CURVES_VS_EPS, CURVES_VS_RADIUS, CURVES_VS_SEVERITY = "acc_vs_eps", "acc_vs_radius", "acc_vs_severity"
+CURVE_PREFIX = "acc_vs_"
 
 
 def clean_name(name: Any) -> str:
@@ -87,6 +94,16 @@ def defended_metric_name(record: dict) -> str:
     return clean_name(f"defended_acc/{record['defence']}/{record['attack']}/" + plain.split("/", 1)[1])
 
 
+def curve_metric_name(section: str, name: str) -> str:
+    """``<section>/<name>``, e.g. curve_metric_name(CURVES_VS_EPS, "robust_acc_linf") is
+    ``acc_vs_eps/robust_acc_linf``."""
+    return clean_name(f"{section}/{name}")
+
+
+def is_curve(name: str) -> bool:
+    return name.startswith(CURVE_PREFIX)
+
+
 def _number(value: Any) -> float | None:
     if not present(value) or isinstance(value, (bool, str)):
         return None
@@ -114,7 +131,7 @@ def record_metrics(records: Iterable[dict]) -> list[tuple[str, float, int]]:
                 continue
             out.append((label_free_metric_name(r["measure"], r.get("radius")), value, 0))
             if r["measure"] == "certified_acc":
-                out.append(("certified_acc", value, eps_step(r["radius"])))
+                out.append((curve_metric_name(CURVES_VS_RADIUS, "certified_acc"), value, eps_step(r["radius"])))
             continue
         value = _number(r.get("robust_acc"))
         if clean is None:
@@ -123,14 +140,15 @@ def record_metrics(records: Iterable[dict]) -> list[tuple[str, float, int]]:
             continue
         if kind == DEFENDED:
             out.append((defended_metric_name(r), value, 0))
-            out.append((clean_name(f"defended_acc_{r['defence']}_{r['attack']}_{r['norm']}"), value,
-                        eps_step(r["eps_test"])))
+            out.append((curve_metric_name(CURVES_VS_EPS, f"defended_acc_{r['defence']}_{r['attack']}_{r['norm']}"),
+                        value, eps_step(r["eps_test"])))
         elif kind == CORRUPTION:
             out.append((result_metric_name(None, None, r["corruption"], r["severity"]), value, 0))
-            out.append((clean_name(f"corruption_acc_{r['corruption']}"), value, int(r["severity"])))
+            out.append((curve_metric_name(CURVES_VS_SEVERITY, f"corruption_acc_{r['corruption']}"), value,
+                        int(r["severity"])))
         elif present(r.get("norm")) and present(r.get("eps_test")):
             out.append((result_metric_name(r["norm"], r["eps_test"], None, None), value, 0))
-            out.append((clean_name(f"robust_acc_{r['norm']}"), value, eps_step(r["eps_test"])))
+            out.append((curve_metric_name(CURVES_VS_EPS, f"robust_acc_{r['norm']}"), value, eps_step(r["eps_test"])))
     if clean is not None:
         out.append(("clean_acc", clean, 0))
     return out
@@ -158,7 +176,7 @@ def trial_metrics(config: dict, records: list[dict]) -> list[tuple[str, float, i
     """Everything the MLflow run of a finished trial gets: record_metrics plus summary_metrics
     (at step 0; NaN summaries left out)."""
     out = record_metrics(records)
-    names = {n for n, _, s in out if s == 0}
+    names = {n for n, _, s in out if not is_curve(n)}
     for name, value in summary_metrics(config, records).items():
         if value == value and name not in names:
             out.append((name, float(value), 0))
@@ -166,5 +184,5 @@ def trial_metrics(config: dict, records: list[dict]) -> list[tuple[str, float, i
 
 
 def scalar_metrics(records: Iterable[dict]) -> dict[str, float]:
-    """The step-0 metrics of `record_metrics` as {name: value} (robust_acc/<norm>/<ε>, ...)."""
-    return {name: value for name, value, step in record_metrics(records) if step == 0}
+    """The metrics of `record_metrics` that are not curves, as {name: value} (robust_acc/<norm>/<ε>, ...)."""
+    return {name: value for name, value, step in record_metrics(records) if not is_curve(name)}

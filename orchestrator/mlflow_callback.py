@@ -6,6 +6,13 @@ with the invocation's parent run, which Ray's lacks. Trials never import MLflow:
 epoch's numbers and, at the end, the path of their Parquet file, which this callback reads to log
 the trial's result metrics (`orchestrator.metrics`), the file itself and its figure.
 
+Tune runs its callbacks on the driver's event loop, so the slow part (reading the Parquet file,
+drawing the figure, metric batches, artifact uploads, ending runs) is handed to one background
+thread (`orchestrator.mlflow_writer`) that writes in the order the hooks ran; only a new trial's
+run is created on the loop itself, because the trial reads its run id from a file before it
+writes its rows. The writer is drained when the invocation ends (`end`, also on errors). The
+parent run's heartbeat is renewed by a second such thread, so that it never waits behind uploads.
+
 Failure model: a failed MLflow call never stops the study. The trial's tracking stops at its first
 failure (its results are in Parquet); the failures are listed at the end with the
 `--backfill-tracking` command that logs them later.
@@ -25,6 +32,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from . import liveness, models_store, results, run_id_file, storage as storage_mod, tracking
 from .metrics import exact_number, summary_metrics, trial_metrics
+from .mlflow_writer import BackgroundWriter
 from .tracking_uri import TrackingError, one_line, reason
 
 # Report keys that are bookkeeping, not per-epoch measurements.
@@ -84,6 +92,10 @@ class StudyTracking(Callback):
         self._runs: dict[str, _TrialRun] = {}  # by Tune trial id
         self._cell_results: dict[str, dict] = {}  # run name -> summary of the finished trial
         self._last_beat = 0.0
+        self._writer = BackgroundWriter()
+        # The heartbeat has a thread of its own: a long artifact upload in the writer must not make
+        # this invocation look dead to another one (liveness.STALE_AFTER_S).
+        self._beats = BackgroundWriter("mlflow-heartbeat")
         _active = self
 
     def __reduce__(self):
@@ -106,6 +118,8 @@ class StudyTracking(Callback):
 
     def end(self, status: str) -> None:
         """Log the per-cell summary to the parent run and end it with ``status``."""
+        self._writer.drain()  # everything the trials' hooks handed over is written first
+        self._beats.drain()
         if self.parent_run_id is None:
             return
         try:
@@ -125,8 +139,10 @@ class StudyTracking(Callback):
         return None
 
     def errors(self) -> list[str]:
-        """The failures, one line each: "<config hash>: ..." per trial, "parent run <id>: ..."."""
-        out = [f"{h}: {e}" for h, e in self.trial_errors.items()]
+        """The failures, one line each: "<config hash>: ..." per trial, "parent run <id>: ...", and
+        any job of the background writer that failed outside a trial's MLflow calls."""
+        self._writer.drain()
+        out = [f"{h}: {e}" for h, e in self.trial_errors.items()] + list(self._writer.failures)
         if self.parent_error:
             out.append(f"parent run {self.parent_run_id}: {self.parent_error}")
         return out
@@ -163,6 +179,10 @@ class StudyTracking(Callback):
         if self.parent_run_id is None or time.time() - self._last_beat < liveness.HEARTBEAT_EVERY_S:
             return
         self._last_beat = time.time()
+        if not self._beats.pending():  # one at a time: a slow server gets no queue of them
+            self._beats.submit(self._heartbeat, "renew the heartbeat")
+
+    def _heartbeat(self) -> None:
         try:  # what tells another invocation (on another host) that this one is alive
             with tracking.bounded_mlflow_http():
                 tracking.client(self.uri).set_tag(self.parent_run_id, tracking.HEARTBEAT_TAG, str(int(time.time())))
@@ -171,18 +191,22 @@ class StudyTracking(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         run = self._runs.get(trial.trial_id)
-        if run is None:
-            from .spec import config_hash
-            from .trainable import trial_config
+        if run is not None:  # Tune retries the trial: after the writes of its last attempt
+            self._submit(run, "start the trial run", lambda c: self._start(c, run), needs_run=False)
+            return
+        from .spec import config_hash
+        from .trainable import trial_config
 
-            config = trial_config(trial.config, self.context)
-            chash = config_hash(config)
-            if chash in results.completed_hashes(self.storage, self.study):
-                return  # the trial reuses an existing result: nothing to track
-            factors = trial.config.get("cell") or {k: v for k, v in trial.config.items() if k != "cell"}
-            names = [k for k in self.varying if k in factors] or list(factors)
-            run = self._runs[trial.trial_id] = _TrialRun(config, chash, run_name({k: factors[k] for k in names}))
-        self._call(run, "start the trial run", lambda c: self._start(c, run))
+        config = trial_config(trial.config, self.context)
+        chash = config_hash(config)
+        if chash in results.completed_hashes(self.storage, self.study):
+            return  # the trial reuses an existing result: nothing to track
+        factors = trial.config.get("cell") or {k: v for k, v in trial.config.items() if k != "cell"}
+        names = [k for k in self.varying if k in factors] or list(factors)
+        run = self._runs[trial.trial_id] = _TrialRun(config, chash, run_name({k: factors[k] for k in names}))
+        # On the loop, not the writer: the trial reads its run id (run_id_file) before it writes its
+        # rows, and a new run has no earlier writes to wait for.
+        self._call(run, "start the trial run", lambda c: self._start(c, run), needs_run=False)
         if run.run_id is not None:
             try:
                 run_id_file.write(self.storage, self.invocation, trial.trial_id, run.run_id)
@@ -229,33 +253,45 @@ class StudyTracking(Callback):
                      if k not in _NOT_LOGGED and isinstance(v, (int, float)) and not isinstance(v, bool)]
             if batch and run.epochs.get(step) != len(batch):  # the final report repeats the last epoch
                 run.epochs[step] = len(batch)
-                self._call(run, f"log epoch {step}", lambda c: c.log_batch(run.run_id, metrics=batch, synchronous=True))
+                self._submit(run, f"log epoch {step}",
+                             lambda c: c.log_batch(run.run_id, metrics=batch, synchronous=True))
         if result.get("reused_result"):  # another invocation trained this cell meanwhile: not ours
-            self._call(run, "delete the run of a cell trained elsewhere", lambda c: c.delete_run(run.run_id))
-            run.run_id = None
+            def delete(c):
+                c.delete_run(run.run_id)
+                run.run_id = None
+
+            self._submit(run, "delete the run of a cell trained elsewhere", delete)
         elif result.get("parquet") and not run.logged_result:
             run.logged_result = True
-            self._log_result(run)
+            self._writer.submit(lambda: self._log_result(run), f"log the results of trial '{run.name}'")
 
     def _log_result(self, run: _TrialRun) -> None:
+        """(In the writer.) The trial's Parquet rows as metrics and tags, the file and its figure."""
         from mlflow.entities import Metric
 
         from .trial_figure import trial_curve_png
 
-        table = results.trial_table(self.storage, self.study, run.config_hash)
+        try:
+            table = results.trial_table(self.storage, self.study, run.config_hash)
+        except Exception as exc:  # noqa: BLE001 - the trial's tracking fails (its run is left for the backfill)
+            def unreadable(c):
+                raise exc
+
+            self._call(run, "log the trial's results", unreadable)
+            return
         records = table.astype(object).where(table.notna(), None).to_dict("records")
-        self._cell_results[run.name] = summary_metrics(run.config, records)
-        now = int(time.time() * 1000)
-        metrics = [Metric(n, v, now, s) for n, v, s in trial_metrics(run.config, records)]
-        fs, path = storage_mod.filesystem_and_path(f"{results.study_dir(self.storage, self.study)}/{run.config_hash}.parquet")
+        self._cell_results[run.name] = summary_metrics(run.config, records)  # the parent's summary
 
-        from trainables.masking import masking_tags  # (imports torch: not at the driver's start)
+        def log(c):  # (what fails in here, reading included, is the trial's tracking failure)
+            from trainables.masking import masking_tags  # (imports torch: not at the driver's start)
 
-        tags = masking_tags(records)  # gradient-masking checks that fired, as run tags
-        if len(table) and isinstance(table["node_id"].iloc[0], str):  # where it ran (known once it reports)
-            tags["sslrobust.node_id"] = table["node_id"].iloc[0]
-
-        def log(c):
+            now = int(time.time() * 1000)
+            metrics = [Metric(n, v, now, s) for n, v, s in trial_metrics(run.config, records)]
+            fs, path = storage_mod.filesystem_and_path(
+                f"{results.study_dir(self.storage, self.study)}/{run.config_hash}.parquet")
+            tags = masking_tags(records)  # gradient-masking checks that fired, as run tags
+            if len(table) and isinstance(table["node_id"].iloc[0], str):  # where it ran (known once it reports)
+                tags["sslrobust.node_id"] = table["node_id"].iloc[0]
             for key, value in tags.items():
                 c.set_tag(run.run_id, key, value)
             for i in range(0, len(metrics), _METRICS_PER_BATCH):
@@ -286,13 +322,21 @@ class StudyTracking(Callback):
 
     def _end(self, trial, status: str) -> None:
         run = self._runs.get(trial.trial_id)
-        if run is not None and run.run_id is not None:
-            self._call(run, f"end the run as {status}", lambda c: c.set_terminated(run.run_id, status))
+        if run is not None:
+            self._submit(run, f"end the run as {status}", lambda c: c.set_terminated(run.run_id, status))
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._writer.drain()
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _call(self, run: _TrialRun, what: str, fn) -> None:
-        """fn(client) unless the trial's tracking failed before; its first failure is kept."""
-        if run.error is not None or self.parent_run_id is None:
+    def _submit(self, run: _TrialRun, what: str, fn, needs_run: bool = True) -> None:
+        """`_call` in the background writer, after every write handed over before it."""
+        self._writer.submit(lambda: self._call(run, what, fn, needs_run), f"{what} for trial '{run.name}'")
+
+    def _call(self, run: _TrialRun, what: str, fn, needs_run: bool = True) -> None:
+        """fn(client) unless the trial's tracking failed before (or, with needs_run, it has no run);
+        its first failure is kept."""
+        if run.error is not None or self.parent_run_id is None or (needs_run and run.run_id is None):
             return
         try:
             with tracking.bounded_mlflow_http():

@@ -7,6 +7,9 @@ A line is printed when a trial finishes or fails, and otherwise at most every EV
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import time
 
@@ -26,6 +29,31 @@ def _active_progress():
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@contextlib.contextmanager
+def quiet_tune():
+    """Around `Tuner.fit` in the compact mode: no Tune start banner, no Tune summary lines.
+
+    Ray 2.60's default console output prints its "Configuration for experiment" box and "View
+    detailed results here" at every start whatever `RunConfig(verbose=...)` says
+    (ray/tune/tune.py calls `experiment_started` on the reporter for verbose 0 too). Its other
+    output engine, chosen with RAY_AIR_NEW_OUTPUT=0 (the switch Ray's own examples use for their
+    own reporters), prints nothing at verbose 0. The "Wrote the latest version of all result
+    files" info line of the `ray.tune` logger goes too; its warnings stay. A RAY_AIR_NEW_OUTPUT
+    the user exported is left as it is."""
+    added = "RAY_AIR_NEW_OUTPUT" not in os.environ
+    if added:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        tune_logger.setLevel(level)
+        if added:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
 class ProgressLine(Callback):

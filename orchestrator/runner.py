@@ -6,6 +6,7 @@ Tuner, and at the end writes the report and prints the robustness table.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -390,7 +391,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     from ray import tune  # imported after the checks above: a bad input fails in a second or two
 
     from .mlflow_callback import StudyTracking
-    from .progress import ProgressLine
+    from .progress import ProgressLine, quiet_tune
     from .search import search_setup
     from .trainable import StudyContext, run_trial
     from .trial_setup import TrialSetupWatch
@@ -402,7 +403,7 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
     context = StudyContext(
         study=spec.name, storage=storage, tracking_uri=tracking_uri, fixed=dict(spec.fixed),
         cpus_per_trial=resources["cpu"], data_dir=options.data_dir, git_sha=provenance.get("sslrobust.git_sha"),
-        provenance=provenance, invocation=name,
+        provenance=provenance, invocation=name, compact_console=options.verbose < 2,
     )
     varying = spec.varying() if spec.search is None else list(spec.search.space)
     tracker = StudyTracking(
@@ -483,7 +484,8 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
         if tuner is not None:
             if not restore_path:  # what --resume reads to take over this invocation's parent run
                 _write_invocation(invocation_dir, invocation)
-            grid = tuner.fit()
+            with quiet_tune() if options.verbose < 2 else contextlib.nullcontext():
+                grid = tuner.fit()
             done_before = {t.config_hash for t in trials} - {t.config_hash for t in pending}
             for result in grid:
                 if result.error is not None:
@@ -532,5 +534,5 @@ def _description(spec: StudySpec) -> str:
     if "seed" in varying:
         grid += ("; " if grid else "") + f"seeds {spec.seeds}"
     return (f"{text}\n\nVaries: {grid or 'nothing'}. Each child run is one trial, named by its factors. "
-            f"Curves: robust_acc_<norm> is robust accuracy with step = round(ε·10^4) (ε=0.1 at step 1000); "
-            f"robust_acc/<norm>/<ε> are the same points as scalars.")
+            f"Curves: acc_vs_eps/robust_acc_<norm> is robust accuracy against ε with step = round(ε·10^4) "
+            f"(ε=0.1 at step 1000); robust_acc/<norm>/<ε> are the same points as scalars.")

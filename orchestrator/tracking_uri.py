@@ -162,19 +162,27 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             )
 
 
+# The MLflow 3.17 UI takes its view (GenAI or model training) from the link's `workflowType`
+# parameter, else from the browser's last choice (localStorage "mlflow.workflowType"), else GenAI;
+# experiment tags are not read for it: with workflow-based navigation on (FeatureUtils
+# shouldEnableWorkflowBasedNavigation, true in 3.17), useExperimentKind (ExperimentKindUtils.ts)
+# derives the kind from that workflow type, not from the tag mlflow.experimentKind
+# (WorkflowTypeContext.tsx). So every link this project prints carries the parameter.
+ML_VIEW = "workflowType=machine_learning"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
-    """Link to the experiment (or run) in the MLflow UI for server URIs, else None."""
+    """Link to the experiment (or run) in the MLflow UI, model-training view, for server URIs, else None."""
     if not is_http(uri):
         return None
     url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
-    return f"{url}/runs/{run_id}" if run_id else url
+    return (f"{url}/runs/{run_id}" if run_id else f"{url}/runs") + f"?{ML_VIEW}"
 
 
-# The MLflow 3 UI opens in its GenAI view unless the URL (or the browser's last choice) asks for the
-# model-training one (the experiment tag mlflow.experimentKind does not switch it); its runs table
-# nests child runs under a collapsed parent unless the runs are filtered and ordered by something other
-# than their start time. This view lists the study's trial runs by name, curves overlaid in the chart view.
-TRIALS_VIEW = ("runs?workflowType=machine_learning&compareRunsMode=CHART&orderByKey=attributes.run_name&orderByAsc=true"
+# The runs table nests child runs under a collapsed parent unless the runs are filtered and ordered
+# by something other than their start time. This view lists the study's trial runs by name, their
+# curves overlaid first in the chart view (orchestrator.metrics).
+TRIALS_VIEW = (f"runs?{ML_VIEW}&compareRunsMode=CHART&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
                "&searchFilter=tags.%60sslrobust.role%60%20%3D%20%27trial%27")
 
 

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import logging
 import os
 import re
 import tempfile
@@ -50,6 +51,7 @@ class StudyContext:
     git_sha: str | None = None
     provenance: dict | None = None
     invocation: str = ""  # the Tune experiment's name (its folder under {storage}/tune)
+    compact_console: bool = False  # the compact progress line, not Tune's output (--tune-output)
 
 
 def trial_config(params: dict, context: StudyContext) -> dict:
@@ -104,6 +106,8 @@ def run_trial(params: dict, context: StudyContext) -> None:
     import torch
 
     _collect_garbage()  # what is alive now (modules, caches) lives on: keep the collector off it
+    if context.compact_console:  # Ray Train's "Checkpoint successfully created at ..." per epoch
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     log = lambda message: print(f"[{context.study}] {message}", flush=True)  # noqa: E731
     config = trial_config(params, context)
     chash = config_hash(config)

@@ -232,11 +232,36 @@ def test_distinct_eps_never_share_a_metric_and_curves_step_on_the_eps_scale():
     assert result_metric_name("l2", 1.0, None, None) == "robust_acc/l2/1"
     records = [_record("linf", e, 1 - e) for e in eps]
     metrics = record_metrics(records)
-    curve = sorted((s, v) for n, v, s in metrics if n == "robust_acc_linf")
+    curve = sorted((s, v) for n, v, s in metrics if n == "acc_vs_eps/robust_acc_linf")
     assert curve == sorted((int(round(e * EPS_STEP_SCALE)), 1 - e) for e in eps)
     assert (1000, 0.9) in curve  # ε = 0.1 at step 1000
     scalars = {n: v for n, v, s in metrics if s == 0}
     assert scalars["robust_acc/linf/0.10025"] == 1 - 0.10025 and scalars["robust_acc/linf/0.1"] == 0.9
+
+
+def test_the_curves_come_first_in_mlflows_chart_view():
+    """MLflow 3's chart view puts a metric ``a/b`` in section ``a``, orders the sections by name (by
+    code unit when it first lays them out, by localeCompare, here case-insensitively, when runs
+    bring new ones) and puts the names without ``/`` last: every curve's section must come before
+    every other section a trial or the parent run has."""
+    from orchestrator.metrics import is_curve, record_metrics
+
+    records = [_record("linf", 0.0, 0.9), _record("linf", 0.1, 0.5), _record("l2", 0.5, 0.6),
+               _record("linf", 0.1, 0.4, attack="pgd_adaptive", defence="ssl_reverse"),
+               _record(corruption="gaussian_noise", severity=1, acc=0.8),
+               _record(corruption="gaussian_noise", severity=3, acc=0.7),
+               _record(attack="none", measure="certified_acc", value=0.4, radius=0.25, robust_acc=None),
+               _record(attack="none", measure="certified_acc", value=0.3, radius=0.5, robust_acc=None),
+               _record(attack="none", ood_set="gaussian", score="rotation", measure="auroc", value=0.7,
+                       robust_acc=None)]
+    names = {n for n, _, _ in record_metrics(records)}
+    names |= {"robust_acc_at_eps_train/ssl_weight:0.5", "clean_acc_ci95/ssl_weight:0.5",  # the parent's
+              "reeval/0123abcd/acc_vs_eps/robust_acc_linf"}
+    sections = {n.rsplit("/", 1)[0] for n in names if "/" in n}
+    curves = {n.rsplit("/", 1)[0] for n in names if is_curve(n)}
+    assert curves == {"acc_vs_eps", "acc_vs_radius", "acc_vs_severity"}
+    for order in (sorted(sections), sorted(sections, key=lambda x: (x.casefold(), x))):
+        assert set(order[:len(curves)]) == curves, order
 
 
 def test_row_kind_decides_every_kind_once():
@@ -362,11 +387,54 @@ def test_backfill_of_a_defended_trial_logs_exactly_what_the_live_callback_logs(s
     assert histories(live_run) == histories(filled)
     assert live_run.data.params == filled.data.params and "depth" not in filled.data.params
     names = set(live_run.data.metrics)
-    assert {"defended_acc/ssl_reverse/pgd_adaptive/linf/0.1", "robust_acc/linf/0.1", "robust_acc_linf"} <= names
+    assert {"defended_acc/ssl_reverse/pgd_adaptive/linf/0.1", "robust_acc/linf/0.1", "acc_vs_eps/robust_acc_linf",
+            "acc_vs_eps/defended_acc_ssl_reverse_pgd_adaptive_linf"} <= names
     assert live_run.data.metrics["robust_acc/linf/0.1"] == 0.5  # not the defended 0.4 or 0.7
     parent = c.get_run(live.parent_run_id)  # a summary per cell (one seed here: no CI half-width)
     assert parent.info.status == "FINISHED" and parent.data.metrics["robust_acc_at_eps_train/ssl_weight:0.5"] == 0.5
     assert [a.path for a in c.list_artifacts(live.parent_run_id)] == ["study.yaml"]
+
+
+def test_the_background_writer_keeps_the_order_and_reports_a_failing_job(capsys):
+    from orchestrator.mlflow_writer import BackgroundWriter
+
+    writer, seen = BackgroundWriter(), []
+    for i in range(200):
+        writer.submit(lambda i=i: seen.append(i))
+    writer.submit(lambda: 1 / 0, "divide by zero")
+    writer.submit(lambda: seen.append("after"))
+    writer.drain()
+    assert seen == [*range(200), "after"]  # in order; a failing job does not stop the ones after it
+    assert len(writer.failures) == 1 and "divide by zero failed (ZeroDivisionError" in writer.failures[0]
+    assert "WARNING: MLflow writer: divide by zero failed" in capsys.readouterr().out
+
+
+def test_a_trial_whose_results_cannot_be_read_is_reported_by_the_callback(sqlite_uri, tmp_path):
+    """The writer reads the trial's Parquet file off Tune's loop; when that fails the failure is in
+    the callback's errors (the end-of-study summary, which names --backfill-tracking) and the
+    trial's tracking stops there: its run is left for the backfill to complete."""
+    from types import SimpleNamespace
+
+    from orchestrator.mlflow_callback import StudyTracking
+    from orchestrator.trainable import StudyContext
+
+    storage = str(tmp_path / "runs")
+    context = StudyContext(study="unread", storage=storage, tracking_uri=sqlite_uri,
+                           fixed={"eval_eps_linf": [0.0, 0.1]}, cpus_per_trial=1, invocation="unread-1")
+    trial = SimpleNamespace(trial_id="t0001", config={"cell": {"ssl_weight": 0.5, "seed": 0}}, status="RUNNING")
+    live = StudyTracking(sqlite_uri, "unread", storage=storage, invocation="unread-1", context=context,
+                         varying=["ssl_weight"], description="d", spec_text="factors: {}",
+                         parent_name="unread live", parent_params={}, parent_tags={})
+    live.set_up()
+    live.on_trial_start(0, [], trial)
+    live.on_trial_result(1, [], trial, {"epoch": 1, "train_loss": 0.5, "parquet": "/nonexistent.parquet"})
+    live.on_trial_complete(1, [], trial)
+    live.end("FINISHED")
+    errors = live.errors()
+    assert len(errors) == 1 and "failed to log the trial's results for trial 'ssl_weight=0.5'" in errors[0], errors
+    assert "No such file" in errors[0]
+    [run] = client(sqlite_uri).search_runs([live.experiment_id], "tags.`sslrobust.role` = 'trial'")
+    assert run.info.status == "RUNNING" and run.data.metrics == {"train_loss": 0.5}
 
 
 def test_progress_line_counts_the_trial_that_ends_and_shows_its_cell():
