@@ -4,7 +4,9 @@
 
 Every number is a mean over seeds with a 95% confidence interval from Student's t
 (t_{0.975, n-1} * sd / sqrt(n)); with one seed the interval is NaN and the figures say so instead
-of drawing a band. Configurations are grouped by every config factor except the seed: the result
+of drawing a band. The exceptions are the two interval tables (orchestrator.summary
+.interval_report_tables): robust accuracy and its paired difference to λ = 0 with intervals over
+seeds and test examples (orchestrator.intervals), as the end-of-run table gives them. Configurations are grouped by every config factor except the seed: the result
 columns (dataset, arch, ssl_task, ssl_weight, attack_variant, init, norm_train, eps_train,
 train_attack_steps, rotations) plus any other config key that takes more than one value in the
 study (read from config_json), so a sweep over e.g. `epochs` is never averaged as if it were seeds.
@@ -41,6 +43,7 @@ from scipy.special import stdtrit  # Student t quantiles; scipy.stats costs >1 s
 
 from orchestrator import report_attacks, results
 from orchestrator.errors import UserError
+from orchestrator.summary import interval_report_tables
 from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS
 
 CONFIG_COLUMNS: tuple[str, ...] = (
@@ -1505,7 +1508,8 @@ def build_report(
             continue
         text, fixed = _display(table, keep=data.extras)
         table_paths += _write_table(out, study, name, title, caption, table, text, fixed, table_html)
-    extra_tables = [
+    # intervals over seeds and test examples, the same as the end-of-run table's (orchestrator.summary)
+    extra_tables = interval_report_tables(df, _varying(data.adv, tk)) + [
         ("robustbench", "RobustBench-style summary",
          "One line per configuration at ε_test = ε_train, in RobustBench's field names: clean_acc and "
          "autoattack_acc (mean over seeds; empty unless the study ran eval_attack=autoattack), plus the "

@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 import sys
 
+import pandas as pd
+
 from . import results
 from .errors import UserError
+from .intervals import (Interval, accuracy_interval, difference_interval, interval_legend, mixed,
+                        table_cell)
 
 
 def mean_ci_cell(mean: float, half: float, n: int) -> str:
@@ -30,73 +34,152 @@ def training_norm_robustness(table):
     return table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == norm_train)].copy()
 
 
-def robustness_table(spec, table) -> str:
-    """Robust accuracy (mean ± 95% CI over seeds) against ε_test, a row per cell of the factors."""
-    from .report import mean_ci
+def _with_factors(rows, names: list[str]):
+    """`rows` with a column `factor.NAME` per name: its value in the row's config, as JSON text."""
+    configs = rows["config_json"].map(json.loads)
+    for name in names:
+        rows[f"factor.{name}"] = configs.map(lambda c, n=name: json.dumps(c.get(n)))
+    return rows
 
-    if table.empty:
-        return "(no results yet)"
-    adv = training_norm_robustness(table)
+
+def _groups(rows, names: list[str]):
+    """(factor values, rows) per combination of the named factors (one group of all when none)."""
+    if not names:
+        yield (), rows
+        return
+    for key, group in rows.groupby([f"factor.{n}" for n in names], sort=True):
+        yield tuple(json.loads(k) for k in (key if isinstance(key, tuple) else (key,))), group
+
+
+def robustness_intervals(table, factor_names: list[str]) -> pd.DataFrame:
+    """Robust accuracy of every cell of the factors × ε_test (robustness rows in each trial's
+    training norm), a row each: the factors, `seeds`, `eps_test` and its `interval`
+    (orchestrator.intervals.accuracy_interval: over seeds and test examples where the rows carry
+    per-example correctness, else the t-interval over seeds)."""
+    columns = [*factor_names, "seeds", "eps_test", "interval"]
+    adv = training_norm_robustness(table) if not table.empty else table
     if adv.empty:
-        return "(no adversarial results)"
-    factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
-    adv_configs = adv["config_json"].map(json.loads)
-    for name in factor_names:
-        adv[f"factor.{name}"] = adv_configs.map(lambda c, n=name: json.dumps(c.get(n)))
-    keys = [f"factor.{n}" for n in factor_names]
-    eps_values = sorted(adv["eps_test"].unique())
-    header = [*factor_names, "seeds", *(f"ε={e:g}" for e in eps_values)]
-    lines = [header]
-    for key, group in adv.groupby(keys, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        row = [json.loads(k) for k in key]
-        row.append(str(group["seed"].nunique()))
-        for eps in eps_values:
-            mean, half, n = mean_ci(group[group["eps_test"] == eps]["robust_acc"])
-            row.append(mean_ci_cell(mean, half, n))
-        lines.append(row)
-    return render_columns(lines)
+        return pd.DataFrame(columns=columns)
+    out = []
+    for values, group in _groups(_with_factors(adv, factor_names), factor_names):
+        seeds = group["seed"].nunique()
+        for eps, at in group.groupby("eps_test", sort=True):
+            out.append((*values, seeds, float(eps), accuracy_interval(at)))
+    return pd.DataFrame(out, columns=columns)
 
 
-def paired_difference_text(spec, table) -> str | None:
-    """Per λ (ssl_weight) and ε_test, robust accuracy minus that of λ = 0 in the same other factors,
-    paired on seeds (mean and 95% t-interval over the seeds both cells have), then in words which
-    differences exclude zero. None when the study does not vary λ or has no λ = 0 cell."""
-    from .report import diff_ci
-
-    if "ssl_weight" not in spec.varying() or table.empty:
-        return None
-    adv = training_norm_robustness(table)
-    others = [f for f in spec.factors if f not in ("seed", "ssl_weight") and len(spec.factors[f]) > 1]
-    adv_configs = adv["config_json"].map(json.loads)
-    for name in others:
-        adv[f"factor.{name}"] = adv_configs.map(lambda c, n=name: json.dumps(c.get(n)))
-    eps_values = sorted(adv["eps_test"].unique())
-    lines = [[*others, "λ", *(f"ε={e:g}" for e in eps_values)]]
-    separated = []
-    for key, group in (adv.groupby([f"factor.{n}" for n in others], sort=True) if others else [((), adv)]):
-        key = key if isinstance(key, tuple) else (key,)
+def difference_intervals(table, others: list[str]) -> pd.DataFrame:
+    """Per λ (ssl_weight) > 0 and ε_test, robust accuracy minus that of λ = 0 in the same `others`
+    factors (orchestrator.intervals.difference_interval: paired on seeds and test examples), a row
+    each: the others, `λ`, `eps_test`, `interval`. Empty without a λ = 0 cell."""
+    columns = [*others, "λ", "eps_test", "interval"]
+    adv = training_norm_robustness(table) if not table.empty else table
+    out = []
+    for values, group in (_groups(_with_factors(adv, others), others) if not adv.empty else ()):
         base = group[group["ssl_weight"] == 0.0]
         if base.empty:
             continue
         for lam in sorted(set(group["ssl_weight"]) - {0.0}):
-            row = [*(json.loads(k) for k in key), f"{lam:g} − 0"]
             cell = group[group["ssl_weight"] == lam]
-            for eps in eps_values:
-                a = dict(zip(cell[cell["eps_test"] == eps]["seed"], cell[cell["eps_test"] == eps]["robust_acc"]))
-                b = dict(zip(base[base["eps_test"] == eps]["seed"], base[base["eps_test"] == eps]["robust_acc"]))
-                mean, half, n, _ = diff_ci(a, b)
-                row.append(mean_ci_cell(mean, half, n))
-                if n >= 2 and half == half and abs(mean) > half:
-                    where = ", ".join(f"{o}={json.loads(k)}" for o, k in zip(others, key))
-                    separated.append(f"λ={lam:g} vs 0 at ε={eps:g}{' (' + where + ')' if where else ''}: "
-                                     f"{'higher' if mean > 0 else 'lower'} by {abs(mean):.3f} ± {half:.3f}")
-            lines.append(row)
-    if len(lines) == 1:
+            for eps in sorted(set(cell["eps_test"]) | set(base["eps_test"])):
+                interval = difference_interval(cell[cell["eps_test"] == eps], base[base["eps_test"] == eps])
+                out.append((*values, float(lam), float(eps), interval))
+    return pd.DataFrame(out, columns=columns)
+
+
+def _wide(long: pd.DataFrame, keys: list[str], signed: bool = False) -> tuple[list[list], list]:
+    """A line per `keys` combination, a column per ε_test (`ε=…`) of the formatted interval;
+    returns (header + lines, the intervals shown)."""
+    intervals = list(long["interval"])
+    mark = mixed(intervals)
+    eps_values = sorted(set(long["eps_test"]))
+    lines: list[list] = [[*keys, *(f"ε={e:g}" for e in eps_values)]]
+    for key, group in long.groupby(keys, sort=True) if keys else [((), long)]:
+        by_eps = dict(zip(group["eps_test"], group["interval"]))
+        line = list(key if isinstance(key, tuple) else (key,))
+        lines.append(line + [table_cell(by_eps.get(e), mark, signed) if e in by_eps else "–" for e in eps_values])
+    return lines, intervals
+
+
+def robustness_table(spec, table) -> str:
+    """Robust accuracy against ε_test, a row per cell of the factors, each with its 95% interval
+    (over seeds and test examples where the results carry them), then a line saying which interval."""
+    if table.empty:
+        return "(no results yet)"
+    factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
+    long = robustness_intervals(table, factor_names)
+    if long.empty:
+        return "(no adversarial results)"
+    lines, intervals = _wide(long, [*factor_names, "seeds"])
+    return render_columns(lines) + "\n" + interval_legend(intervals)
+
+
+def paired_difference_text(spec, table) -> str | None:
+    """Per λ (ssl_weight) and ε_test, robust accuracy minus that of λ = 0 in the same other factors,
+    paired on seeds and test examples (`difference_intervals`), then in words which differences
+    exclude zero. None when the study does not vary λ or has no λ = 0 cell."""
+    if "ssl_weight" not in spec.varying() or table.empty:
         return None
-    words = ("differences that exclude zero (95%, paired on seeds): " + "; ".join(separated)) if separated else \
-        "no difference to λ = 0 excludes zero at 95% (paired on seeds): the data do not separate these λ"
-    return render_columns(lines) + "\n" + words
+    others = [f for f in spec.factors if f not in ("seed", "ssl_weight") and len(spec.factors[f]) > 1]
+    long = difference_intervals(table, others)
+    if long.empty:
+        return None
+    long["λ"] = long["λ"].map(lambda lam: f"{lam:g} − 0")
+    lines, intervals = _wide(long, [*others, "λ"], signed=True)
+    separated = []
+    for row in long.itertuples(index=False):
+        interval = row.interval
+        if interval is None or interval.low != interval.low or not interval.excludes_zero():
+            continue
+        values = dict(zip(others, row[: len(others)]))
+        where = ", ".join(f"{o}={v}" for o, v in values.items())
+        separated.append(f"λ={row.λ.split(' ')[0]} vs 0 at ε={row.eps_test:g}{' (' + where + ')' if where else ''}: "
+                         f"{'higher' if interval.mean > 0 else 'lower'} by {abs(interval.mean):.3f} "
+                         f"[{interval.low:+.3f}, {interval.high:+.3f}]")
+    legend = interval_legend(intervals, paired=True)
+    words = ("differences that exclude zero (95%): " + "; ".join(separated)) if separated else \
+        "no difference to λ = 0 excludes zero at 95%: the data do not separate these λ"
+    return render_columns(lines) + "\n" + legend + "\n" + words
+
+
+def interval_report_tables(table, factor_names: list[str]) -> list[tuple]:
+    """The report's two interval tables, as (name, title, caption, long table for CSV, display):
+    robust accuracy per cell × ε_test and the paired differences to λ = 0, over seeds and test
+    examples (the same numbers as the end-of-run table)."""
+    def csv(long: pd.DataFrame) -> pd.DataFrame:
+        out = long.drop(columns="interval")
+        for field in ("mean", "low", "high", "n_examples", "sources"):
+            out[field] = [getattr(i, field) if i is not None else None for i in long["interval"]]
+        return out
+
+    def display(keys: list[str], signed: bool):
+        def show(out: pd.DataFrame) -> pd.DataFrame:
+            intervals = [None if m != m else Interval(m, lo, hi, 0, n, src) for m, lo, hi, n, src in
+                         zip(out["mean"], out["low"], out["high"], out["n_examples"], out["sources"])]
+            lines, _ = _wide(out.assign(interval=intervals), keys, signed)
+            return pd.DataFrame(lines[1:], columns=lines[0])
+        return show
+
+    tables = []
+    absolute = robustness_intervals(table, factor_names)
+    if not absolute.empty:
+        tables.append((
+            "accuracy_intervals", "Robust accuracy with intervals over seeds and test examples",
+            "Robust accuracy per cell against ε_test (each trial's training norm; ε_test = 0: clean accuracy). "
+            + interval_legend(list(absolute["interval"])) + ". Every trial is evaluated on the same test images, "
+            "so an interval over seeds alone holds the test set fixed; this one also resamples the test images.",
+            csv(absolute), display([*factor_names, "seeds"], False)))
+    others = [f for f in factor_names if f != "ssl_weight"]
+    if "ssl_weight" in factor_names:
+        diff = difference_intervals(table, others)
+        if not diff.empty:
+            tables.append((
+                "difference_intervals", "Paired difference to λ = 0 over seeds and test examples",
+                "Robust accuracy minus that of λ = 0 in the same other factors, per ε_test: "
+                + interval_legend(list(diff["interval"]), paired=True) + ". A difference whose interval "
+                "excludes zero separates that λ from λ = 0 at 95%.",
+                csv(diff), display([*others, "λ"], True)))
+    return tables
 
 
 def defence_text(table) -> str | None:
@@ -185,13 +268,12 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
         if error:
             print(f"the report is on disk but could not be logged to MLflow: {error}", file=out)
     print("", file=out)
-    print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
+    print(f"robust accuracy against ε_test ({spec.name}):", file=out)
     shown = results.with_aliases(results.own_evaluation(table), grid_aliases(trials))
     print(robustness_table(spec, shown), file=out)
     differences = paired_difference_text(spec, shown)
     if differences:
-        print(f"\npaired difference to λ = 0 ({spec.name}; robust accuracy, mean ± 95% CI over the seeds both have):",
-              file=out)
+        print(f"\npaired difference to λ = 0 ({spec.name}; robust accuracy):", file=out)
         print(differences, file=out)
     print("", file=out)
     defended = defence_text(results.own_evaluation(table))
