@@ -73,8 +73,7 @@ def crossed_bootstrap(matrix: np.ndarray, alpha: float = 0.05, replicates: int =
     # cell of a study (common random numbers), so a study of many cells pays for the draws once.
     per_seed = m.astype(np.float32) @ _example_weights(n_examples, replicates, seed)  # (seeds, replicates)
     if n_seeds > 1:
-        rows = np.random.default_rng([seed, n_seeds]).integers(0, n_seeds, size=(replicates, n_seeds))
-        stats = per_seed[rows, np.arange(replicates)[:, None]].mean(axis=1)
+        stats = (per_seed * _example_weights(n_seeds, replicates, seed + 1)).sum(axis=0)  # seeds resampled too
         sources = "seeds × examples"
     else:
         stats = per_seed[0]
@@ -83,10 +82,11 @@ def crossed_bootstrap(matrix: np.ndarray, alpha: float = 0.05, replicates: int =
     return Interval(float(m.mean()), float(low), float(high), n_seeds, n_examples, sources)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _example_weights(n_examples: int, replicates: int, seed: int) -> np.ndarray:
     """(n_examples, replicates) float32, read-only: column r holds how often each example is drawn
-    (with replacement, n_examples draws) in replicate r, divided by n_examples."""
+    (with replacement, n_examples draws) in replicate r, divided by n_examples. (Seeds are
+    resampled the same way, with their own draw.)"""
     rng = np.random.default_rng([seed, n_examples])
     weights = np.empty((n_examples, replicates), dtype=np.float32)
     block = max(1, 2**22 // n_examples)  # replicates per block: the draws stay a few MB
