@@ -197,10 +197,9 @@ def interval_legend(intervals: list[Interval | None], paired: bool = False) -> s
     kinds = {i.sources for i in intervals if i is not None}
     parts = []
     if kinds & set(BOOTSTRAP_SOURCES):
-        parts.append("95% interval over seeds and test examples (two-way bootstrap: seeds and test examples "
-                     "resampled together; with 1 seed, examples only)" + (
-                         ", paired over seeds and examples (the same seeds and test images in both cells)"
-                         if paired else ""))
+        parts.append("95% interval over seeds and test examples (two-way bootstrap)"
+                     + (", paired over seeds and examples" if paired else "")
+                     + ("; 1 seed: over test examples only" if "examples" in kinds else ""))
     if T_SOURCES in kinds:
         t = "95% t-interval over seeds" + (", paired on seeds" if paired else "")
         parts.append(f"{FALLBACK_MARK}: {t}, for cells without per-example results (test examples held fixed)"

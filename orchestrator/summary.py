@@ -30,8 +30,7 @@ def training_norm_robustness(table):
     """The robustness rows (trainables.row_kind, undefended) of each trial's training norm, a copy."""
     from trainables.row_kind import ROBUSTNESS
 
-    norm_train = table["config_json"].map(lambda text: json.loads(text)["norm_train"])
-    return table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == norm_train)].copy()
+    return table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == table["norm_train"])].copy()
 
 
 def _with_factors(rows, names: list[str]):
@@ -94,10 +93,13 @@ def _wide(long: pd.DataFrame, keys: list[str], signed: bool = False) -> tuple[li
     mark = mixed(intervals)
     eps_values = sorted(set(long["eps_test"]))
     lines: list[list] = [[*keys, *(f"ε={e:g}" for e in eps_values)]]
-    for key, group in long.groupby(keys, sort=True) if keys else [((), long)]:
-        by_eps = dict(zip(group["eps_test"], group["interval"]))
-        line = list(key if isinstance(key, tuple) else (key,))
-        lines.append(line + [table_cell(by_eps.get(e), mark, signed) if e in by_eps else "–" for e in eps_values])
+    cells: dict[str, tuple[list, dict]] = {}  # keyed by JSON text: factor values may be lists or dicts
+    for row in long.to_dict("records"):
+        values = [row[k] for k in keys]
+        cells.setdefault(json.dumps(values, sort_keys=True, default=str), (values, {}))[1][row["eps_test"]] = \
+            row["interval"]
+    for _, (values, by_eps) in sorted(cells.items()):
+        lines.append(values + [table_cell(by_eps[e], mark, signed) if e in by_eps else "–" for e in eps_values])
     return lines, intervals
 
 
