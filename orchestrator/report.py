@@ -6,9 +6,10 @@ Every number is a mean over seeds with a 95% confidence interval from Student's 
 (t_{0.975, n-1} * sd / sqrt(n)); with one seed the interval is NaN and the figures say so instead
 of drawing a band. The exceptions are the two interval tables (orchestrator.summary
 .interval_report_tables): robust accuracy and its paired difference to λ = 0 with intervals over
-seeds and test examples (orchestrator.intervals), as the end-of-run table gives them. Configurations are grouped by every config factor except the seed: the result
-columns (dataset, arch, ssl_task, ssl_weight, attack_variant, init, norm_train, eps_train,
-train_attack_steps, rotations) plus any other config key that takes more than one value in the
+seeds and test examples (orchestrator.intervals), as the end-of-run table gives them.
+Configurations are grouped by every config factor except the seed: the result columns (dataset,
+arch, ssl_task, ssl_weight, attack_variant, init, norm_train, eps_train, train_attack_steps,
+rotations) plus any other config key that takes more than one value in the
 study (read from config_json), so a sweep over e.g. `epochs` is never averaged as if it were seeds.
 
 A trial with ssl_task "none" has no SSL loss whatever its ssl_weight says, so the report counts it
