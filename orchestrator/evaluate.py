@@ -301,8 +301,7 @@ def _finish(spec, storage: str, overrides: dict, eval_hash: str, outcome: Evalua
     except UserError as err:
         print(f"report not written: {err}", file=out)
     print("", file=out)
-    print(f"robust accuracy against ε_test ({spec.name}, re-evaluation {eval_hash}: {described}; "
-          f"mean ± 95% CI over seeds):", file=out)
+    print(f"robust accuracy against ε_test ({spec.name}, re-evaluation {eval_hash}: {described}):", file=out)
     print(robustness_table(spec, results.evaluation_rows(table, eval_hash)), file=out)
     print("", file=out)
     print(f"models evaluated now: {len(outcome.evaluated)}, skipped: {len(outcome.skipped)}", file=out)

@@ -274,8 +274,10 @@ class StudyTracking(Callback):
         try:
             table = results.trial_table(self.storage, self.study, run.config_hash)
         except Exception as exc:  # noqa: BLE001 - the trial's tracking fails (its run is left for the backfill)
+            error = exc
+
             def unreadable(c):
-                raise exc
+                raise error
 
             self._call(run, "log the trial's results", unreadable)
             return

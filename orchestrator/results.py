@@ -25,6 +25,8 @@ radius ε there). ``robust_acc`` may only be
 empty on measure rows. Files written before a nullable column existed read with it empty.
 Rows of a trial evaluated with a test-time defence carry ``defence`` (e.g. "ssl_reverse") and
 the attack that produced them (``attack`` "pgd" or "pgd_adaptive"); ``defence`` null = undefended.
+Robustness rows carry ``correct``, which test examples were still classified correctly (packed
+bits, see its column), from which the end-of-run table and the report resample test examples.
 
 A re-evaluation of a kept model (orchestrator.evaluate) writes a file of its own, its rows marked by
 ``eval_hash``, so the rows of every evaluation of a model sit side by side and none is replaced.
@@ -111,6 +113,13 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     # adversarial rows: the gradient-masking checks that fired for this curve (trainables.masking),
     # comma-separated; "" when none fired; null where the checks did not run (older files)
     ("masking_flags", pa.string(), True),
+    # robustness rows (clean at ε_test 0, and each attacked ε_test): which test examples were still
+    # classified correctly, so intervals can resample examples as well as seeds and comparisons can
+    # pair on them (orchestrator.intervals). Packed bits in the evaluation's example order (the test
+    # set's first n_examples images): example i is bit i % 8 (least significant first) of byte
+    # i // 8, 1 = correct, ceil(n_examples / 8) bytes, padding bits 0, popcount / n_examples =
+    # robust_acc (trainables.correct_bits). Null on other rows and in files written before it.
+    ("correct", pa.binary(), True),
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
     ("git_sha", pa.string(), True),
@@ -150,6 +159,8 @@ def _pandas_dtype(field: pa.Field) -> Any:
         return "float64"
     if pa.types.is_timestamp(t):
         return pd.DatetimeTZDtype(unit=t.unit, tz=t.tz)
+    if pa.types.is_binary(t):
+        return object  # bytes, None where missing
     raise AssertionError(f"no pandas dtype for {t}")  # pragma: no cover - schema is fixed above
 
 
@@ -272,6 +283,10 @@ def _check_cell(col: str, field: pa.Field, value: Any, where: str) -> Any:
         if math.isinf(value):
             raise ResultsError(f"{where}: column '{col}' must be finite, got {value!r}")
         return value
+    if pa.types.is_binary(t):
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise ResultsError(f"{where}: column '{col}' must be bytes, got {type(value).__name__}")
+        return bytes(value)
     if pa.types.is_timestamp(t):
         if not isinstance(value, _dt.datetime):
             raise ResultsError(f"{where}: column '{col}' must be a datetime, got {value!r}")
@@ -326,6 +341,8 @@ def validate_rows(rows: list[dict], study: str | None = None, config_hash: str |
                 raise ResultsError(
                     f"{where}: {kind} row needs column 'robust_acc' (only measure rows leave it empty)"
                 )
+        if not _is_missing(row.get("correct")):
+            _check_correct(row, where)
         if study is not None and row["study"] != study:
             raise ResultsError(f"{where}: column 'study' is {row['study']!r}, expected {study!r}")
         if config_hash is not None and row["config_hash"] != config_hash:
@@ -338,6 +355,22 @@ def validate_rows(rows: list[dict], study: str | None = None, config_hash: str |
             raise ResultsError(f"{trial}: duplicate rows for {_fmt_key(dict(zip(KEY_COLUMNS, key)))}")
         seen.add(key)
     return pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in COLUMNS}, schema=SCHEMA)
+
+
+def _check_correct(row: dict, where: str) -> None:
+    """`correct` must decode to n_examples examples whose share correct is the row's robust_acc."""
+    from trainables.correct_bits import unpack_correct
+    from trainables.row_kind import ROBUSTNESS, row_kind
+
+    if row_kind(row) != ROBUSTNESS:
+        raise ResultsError(f"{where}: column 'correct' is only for robustness rows, this is a {row_kind(row)} row")
+    try:
+        mask = unpack_correct(row["correct"], int(row["n_examples"]))
+    except ValueError as err:
+        raise ResultsError(f"{where}: column 'correct': {err}") from None
+    if len(mask) and abs(mask.mean() - float(row["robust_acc"])) > 0.5 / len(mask):
+        raise ResultsError(f"{where}: column 'correct' has {int(mask.sum())} of {len(mask)} examples correct, "
+                           f"but robust_acc is {row['robust_acc']}")
 
 
 def _fmt_key(key: dict) -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import sys
 
+
 from . import results
 from .errors import UserError
+from .interval_tables import difference_intervals, robustness_intervals, wide_table
+from .intervals import interval_legend
 
 
 def mean_ci_cell(mean: float, half: float, n: int) -> str:
@@ -22,81 +25,45 @@ def render_columns(lines: list[list]) -> str:
     return "\n".join(rendered)
 
 
-def training_norm_robustness(table):
-    """The robustness rows (trainables.row_kind, undefended) of each trial's training norm, a copy."""
-    from trainables.row_kind import ROBUSTNESS
-
-    norm_train = table["config_json"].map(lambda text: json.loads(text)["norm_train"])
-    return table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == norm_train)].copy()
-
-
 def robustness_table(spec, table) -> str:
-    """Robust accuracy (mean ± 95% CI over seeds) against ε_test, a row per cell of the factors."""
-    from .report.statistics import mean_ci
-
+    """Robust accuracy against ε_test, a row per cell of the factors, each with its 95% interval
+    (over seeds and test examples where the results carry them), then a line saying which interval."""
     if table.empty:
         return "(no results yet)"
-    adv = training_norm_robustness(table)
-    if adv.empty:
-        return "(no adversarial results)"
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
-    adv_configs = adv["config_json"].map(json.loads)
-    for name in factor_names:
-        adv[f"factor.{name}"] = adv_configs.map(lambda c, n=name: json.dumps(c.get(n)))
-    keys = [f"factor.{n}" for n in factor_names]
-    eps_values = sorted(adv["eps_test"].unique())
-    header = [*factor_names, "seeds", *(f"ε={e:g}" for e in eps_values)]
-    lines = [header]
-    for key, group in adv.groupby(keys, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        row = [json.loads(k) for k in key]
-        row.append(str(group["seed"].nunique()))
-        for eps in eps_values:
-            mean, half, n = mean_ci(group[group["eps_test"] == eps]["robust_acc"])
-            row.append(mean_ci_cell(mean, half, n))
-        lines.append(row)
-    return render_columns(lines)
+    long = robustness_intervals(table, factor_names)
+    if long.empty:
+        return "(no adversarial results)"
+    lines, intervals = wide_table(long, [*factor_names, "seeds"])
+    return render_columns(lines) + "\n" + interval_legend(intervals)
 
 
 def paired_difference_text(spec, table) -> str | None:
     """Per λ (ssl_weight) and ε_test, robust accuracy minus that of λ = 0 in the same other factors,
-    paired on seeds (mean and 95% t-interval over the seeds both cells have), then in words which
-    differences exclude zero. None when the study does not vary λ or has no λ = 0 cell."""
-    from .report.statistics import diff_ci
-
+    paired on seeds and test examples (`difference_intervals`), then in words which differences
+    exclude zero. None when the study does not vary λ or has no λ = 0 cell."""
     if "ssl_weight" not in spec.varying() or table.empty:
         return None
-    adv = training_norm_robustness(table)
     others = [f for f in spec.factors if f not in ("seed", "ssl_weight") and len(spec.factors[f]) > 1]
-    adv_configs = adv["config_json"].map(json.loads)
-    for name in others:
-        adv[f"factor.{name}"] = adv_configs.map(lambda c, n=name: json.dumps(c.get(n)))
-    eps_values = sorted(adv["eps_test"].unique())
-    lines = [[*others, "λ", *(f"ε={e:g}" for e in eps_values)]]
-    separated = []
-    for key, group in (adv.groupby([f"factor.{n}" for n in others], sort=True) if others else [((), adv)]):
-        key = key if isinstance(key, tuple) else (key,)
-        base = group[group["ssl_weight"] == 0.0]
-        if base.empty:
-            continue
-        for lam in sorted(set(group["ssl_weight"]) - {0.0}):
-            row = [*(json.loads(k) for k in key), f"{lam:g} − 0"]
-            cell = group[group["ssl_weight"] == lam]
-            for eps in eps_values:
-                a = dict(zip(cell[cell["eps_test"] == eps]["seed"], cell[cell["eps_test"] == eps]["robust_acc"]))
-                b = dict(zip(base[base["eps_test"] == eps]["seed"], base[base["eps_test"] == eps]["robust_acc"]))
-                mean, half, n, _ = diff_ci(a, b)
-                row.append(mean_ci_cell(mean, half, n))
-                if n >= 2 and half == half and abs(mean) > half:
-                    where = ", ".join(f"{o}={json.loads(k)}" for o, k in zip(others, key))
-                    separated.append(f"λ={lam:g} vs 0 at ε={eps:g}{' (' + where + ')' if where else ''}: "
-                                     f"{'higher' if mean > 0 else 'lower'} by {abs(mean):.3f} ± {half:.3f}")
-            lines.append(row)
-    if len(lines) == 1:
+    long = difference_intervals(table, others)
+    if long.empty:
         return None
-    words = ("differences that exclude zero (95%, paired on seeds): " + "; ".join(separated)) if separated else \
-        "no difference to λ = 0 excludes zero at 95% (paired on seeds): the data do not separate these λ"
-    return render_columns(lines) + "\n" + words
+    long["λ"] = long["λ"].map(lambda lam: f"{lam:g} − 0")
+    lines, intervals = wide_table(long, [*others, "λ"], signed=True)
+    separated = []
+    for row in long.itertuples(index=False):
+        interval = row.interval
+        if interval is None or interval.low != interval.low or not interval.excludes_zero():
+            continue
+        values = dict(zip(others, row[: len(others)]))
+        where = ", ".join(f"{o}={v}" for o, v in values.items())
+        separated.append(f"λ={row.λ.split(' ')[0]} vs 0 at ε={row.eps_test:g}{' (' + where + ')' if where else ''}: "
+                         f"{'higher' if interval.mean > 0 else 'lower'} by {abs(interval.mean):.3f} "
+                         f"[{interval.low:+.3f}, {interval.high:+.3f}]")
+    legend = interval_legend(intervals, paired=True)
+    words = ("differences that exclude zero (95%): " + "; ".join(separated)) if separated else \
+        "no difference to λ = 0 excludes zero at 95%: the data do not separate these λ"
+    return render_columns(lines) + "\n" + legend + "\n" + words
 
 
 def defence_text(table) -> str | None:
@@ -185,13 +152,12 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
         if error:
             print(f"the report is on disk but could not be logged to MLflow: {error}", file=out)
     print("", file=out)
-    print(f"robust accuracy against ε_test ({spec.name}; mean ± 95% CI over seeds):", file=out)
+    print(f"robust accuracy against ε_test ({spec.name}):", file=out)
     shown = results.with_aliases(results.own_evaluation(table), grid_aliases(trials))
     print(robustness_table(spec, shown), file=out)
     differences = paired_difference_text(spec, shown)
     if differences:
-        print(f"\npaired difference to λ = 0 ({spec.name}; robust accuracy, mean ± 95% CI over the seeds both have):",
-              file=out)
+        print(f"\npaired difference to λ = 0 ({spec.name}; robust accuracy):", file=out)
         print(differences, file=out)
     print("", file=out)
     defended = defence_text(results.own_evaluation(table))

@@ -4,7 +4,9 @@ Every record has the same keys (`RECORD_KEYS`), so the orchestrator writes them 
 are: adversarial rows carry norm/eps_test and leave corruption/severity empty, corruption rows the
 other way round. Out-of-distribution rows (`trainables.ood`, when `ood_sets` is non-empty) leave
 all four empty and carry ood_set, score, measure and value instead (robust_acc empty); the other
-rows leave those four empty. With a test-time defence (`defence` other than "none",
+rows leave those four empty. Robustness rows (clean at ε 0 and each attacked ε) carry in `correct`
+which test examples were still classified correctly there (trainables.correct_bits); every other
+row leaves it empty. With a test-time defence (`defence` other than "none",
 trainables.defence) the defended rows come last and carry one more key, `defence`; rows without it
 are undefended.
 """
@@ -18,12 +20,13 @@ from .attack_inputs import check_attack_input
 from .attacks import cross_entropy_objective, pgd, random_delta
 from .autoattack import APGD_ONLY, STANDARD, autoattack
 from .corruptions import corruption_accuracy
+from .correct_bits import pack_correct
 from .device import autocast
 
 RECORD_KEYS = (
     "norm", "eps_test", "attack", "attack_steps", "step_size", "restarts", "n_examples",
     "clean_acc", "robust_acc", "corruption", "severity", "ood_set", "score", "measure", "value",
-    "fooled_by", "masking_flags",
+    "fooled_by", "masking_flags", "correct",
 )
 EVAL_ATTACKS = ("pgd", "apgd", "autoattack")
 
@@ -94,7 +97,8 @@ def robust_accuracy_curve(
     records = []
     for eps in sorted(float(e) for e in eps_grid):
         if eps == 0:
-            records.append(_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc))
+            records.append(_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc,
+                                   correct=clean_correct))
             continue
         step_size = step_size_factor * eps / steps
         generator = torch.Generator(device=x.device).manual_seed(_seed_for(seed, norm, eps))
@@ -116,7 +120,7 @@ def robust_accuracy_curve(
                 taken += torch.bincount(fooled_by[fooled_by >= 0].cpu(), minlength=len(members))
             still_correct = correct_now if attack_all else still_correct & correct_now
             record = _record(norm, eps, attack, apgd_steps, 2 * eps, 1, len(x), clean_acc,
-                             still_correct.float().mean().item())
+                             fraction(still_correct), correct=still_correct)
             record["fooled_by"] = json.dumps(dict(zip(members, taken.tolist())))
             records.append(record)
             if robust_masks is not None:
@@ -137,8 +141,7 @@ def robust_accuracy_curve(
             robust_masks[eps] = still_correct.clone()
         records.append(
             _record(norm, eps, "pgd_any_iterate" if stop_on_success else "pgd", steps, step_size, restarts,
-                    len(x), clean_acc,
-                    fraction(still_correct))
+                    len(x), clean_acc, fraction(still_correct), correct=still_correct)
         )
     return records
 
@@ -148,12 +151,14 @@ def _seed_for(seed: int, norm: str, eps: float) -> int:
     return (seed * 1_000_003 + (0 if norm == "linf" else 7919) + int(round(eps * 1e6))) % (2**63)
 
 
-def _record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_acc) -> dict:
+def _record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_acc, correct=None) -> dict:
+    """`correct`: the (N,) bool mask of the examples counted in robust_acc, or None."""
     return dict(
         norm=norm, eps_test=float(eps), attack=attack, attack_steps=int(steps),
         step_size=float(step_size), restarts=int(restarts), n_examples=int(n),
         clean_acc=float(clean_acc), robust_acc=float(robust_acc), corruption=None, severity=None,
         ood_set=None, score=None, measure=None, value=None, fooled_by=None, masking_flags=None,
+        correct=None if correct is None else pack_correct(correct),
     )
 
 

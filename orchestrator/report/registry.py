@@ -3,7 +3,7 @@ functions `Inputs -> Section` (and `Inputs -> list[str]` of notes); a new analys
 functions here and nowhere else."""
 from __future__ import annotations
 
-from . import attacks, corruptions, defence, label_free, label_noise, ood, robustness, smoothing
+from . import attacks, corruptions, defence, example_intervals, label_free, label_noise, ood, robustness, smoothing
 
 NOTES = (
     attacks.notes,
@@ -25,6 +25,8 @@ TABLES = (
     robustness.lambda_effect_section,
     robustness.best_variant_section,
     robustness.pretrain_vs_scratch_section,
+    example_intervals.accuracy_section,
+    example_intervals.difference_section,
     attacks.robustbench_section,
     attacks.breakdown_section,
     ood.table_section,
