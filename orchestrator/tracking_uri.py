@@ -162,14 +162,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             )
 
 
-def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
-    """Link to the experiment (or run) in the MLflow UI for server URIs, else None."""
-    if not is_http(uri):
-        return None
-    url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
-    return f"{url}/runs/{run_id}" if run_id else url
-
-
 # The MLflow 3 UI opens in its GenAI view unless the URL (or the browser's last choice) asks for the
 # model-training one (the experiment tag mlflow.experimentKind does not switch it); its runs table
 # nests child runs under a collapsed parent unless the runs are filtered and ordered by something other
