@@ -12,7 +12,7 @@ from scipy import stats
 from trainables import center_smoothing as cs
 from trainables.config import ConfigError, center_smoothing_min_n0, resolve
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(gain: float = 3.0):

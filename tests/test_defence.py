@@ -18,9 +18,7 @@ from trainables.ssl import Contrastive, Inpainting, MultiTask, RotationPredictio
 FASHION = dataset_info("fashion_mnist")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reversal_stays_in_the_ball_and_in_0_1_and_lowers_the_ssl_loss():

@@ -18,7 +18,7 @@ from trainables import label_free as lf
 from trainables import smoothing
 from trainables.config import ConfigError, resolve
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

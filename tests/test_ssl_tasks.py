@@ -20,9 +20,7 @@ from trainables.ssl import (
 FASHION = dataset_info("fashion_mnist")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(*tasks):

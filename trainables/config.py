@@ -94,7 +94,7 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "rotations": ("one", "str", ROTATIONS),
     "ssl_perturbation": ("shared", "str", SSL_PERTURBATIONS),
     # several SSL tasks at once, {task: weight}: the SSL loss is Σ w_t·SSL_t (ssl_task and
-    # ssl_weight are then not used); empty: the single ssl_task with ssl_weight, as before
+    # ssl_weight are then not used); empty: the single ssl_task with ssl_weight
     "ssl_tasks": ({}, "dict[str,float]", MULTI_SSL_TASKS),
     "contrastive_temperature": (0.2, "float", "pos"),  # NT-Xent temperature of the contrastive task
     # adversarial training
