@@ -413,7 +413,15 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                   "cells": [t.config_hash for t in pending]}
     record_grid(spec, trials, storage)  # a rebuilt report lists the missing cells even if the driver dies
     setup_watch = TrialSetupWatch()
-    callbacks = [tracker] if options.verbose >= 2 else [tracker, ProgressLine(spec.name, varying, out)]
+    # Tune's JSON and CSV result files in each trial folder (Result.metrics_dataframe reads them), not
+    # its TensorBoard files: the study's dashboards are MLflow's. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
+    # in the environment brings TensorBoard's back.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), tracker]
+    if options.verbose < 2:
+        callbacks.append(ProgressLine(spec.name, varying, out))
     run_config = tune.RunConfig(
         name=name,
         storage_path=storage_mod.join(storage, "tune"),
