@@ -43,10 +43,12 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """This test on one torch thread. Tiny tensors gain nothing from more, and on a shared 2-core
-    machine two intra-op threads that keep being descheduled spin-wait on each other (~10x slower)."""
+    """Every test runs torch on one thread, and the previous setting is restored after it. The tests'
+    tensors are small, and on a shared 2-core machine two intra-op threads that keep being
+    descheduled spin-wait on each other (~10x slower). The session's trained models take two
+    threads inside their own fixtures (`torch_threads`)."""
     with torch_threads(1):
         yield
 

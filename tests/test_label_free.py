@@ -18,9 +18,6 @@ from trainables import label_free as lf
 from trainables import smoothing
 from trainables.config import ConfigError, resolve
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 # ---------------------------------------------------------------------------------------------
 # measures on hand-made representations
 

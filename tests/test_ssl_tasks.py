@@ -20,9 +20,6 @@ from trainables.ssl import (
 FASHION = dataset_info("fashion_mnist")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _model(*tasks):
     torch.manual_seed(0)
     model = build_model("small_cnn", FASHION)
