@@ -135,10 +135,10 @@ def run_trial(params: dict, context: StudyContext) -> None:
         _train_and_record(context, config, chash, trial_id, node_id, lease, log)
     finally:
         lease.release()
-    # Reused actors run the next trial in this process: free this one's cyclic garbage (models,
-    # optimiser state) now, so the cached GPU memory handed back below is really unused.
-    gc.collect()
     if torch.cuda.is_available():
+        # Reused actors run the next trial in this process: free this one's cyclic garbage first,
+        # so that the cached GPU memory handed back is really unused.
+        gc.collect()
         torch.cuda.empty_cache()
 
 
