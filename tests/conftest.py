@@ -43,12 +43,21 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_for_the_session():
+    """torch on one thread for the whole session (restored at its end), so that module- and
+    session-scoped fixtures compute on the same thread count as the tests: a result computed with
+    two threads can differ in its last bits from the same computation on one. The tests' tensors are
+    small, and on a shared 2-core machine two intra-op threads that keep being descheduled spin-wait
+    on each other (~10x slower). The session's trained models take two threads inside their own
+    fixtures (`torch_threads`)."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Every test runs torch on one thread, and the previous setting is restored after it. The tests'
-    tensors are small, and on a shared 2-core machine two intra-op threads that keep being
-    descheduled spin-wait on each other (~10x slower). The session's trained models take two
-    threads inside their own fixtures (`torch_threads`)."""
+def one_thread(one_thread_for_the_session):
+    """Every test starts on one torch thread, and whatever it sets is restored after it."""
     with torch_threads(1):
         yield
 
