@@ -78,14 +78,14 @@ def evaluation_overrides(sets: list[str]) -> dict:
     """The `--set` items as checked evaluation settings (UserError, one line, for anything else)."""
     from trainables.config import EVALUATION_KEYS, SCHEMA, ConfigError, check_value, parse_cli_value
 
-    from .spec import _closest, _parse_overrides
+    from .spec import closest, parse_overrides
 
     if not sets:
         raise UserError("give the evaluation settings to change with --set, e.g. --set eval_attack_steps=100")
     out = {}
-    for key, text in _parse_overrides(sets):
+    for key, text in parse_overrides(sets):
         if key not in SCHEMA and key != "seeds":
-            raise UserError(f"--set: unknown setting '{key}'{_closest(key, EVALUATION_KEYS)}; the evaluation "
+            raise UserError(f"--set: unknown setting '{key}'{closest(key, EVALUATION_KEYS)}; the evaluation "
                             f"settings are in trainables/config.py (EVALUATION_KEYS)")
         if key not in EVALUATION_KEYS:
             raise UserError(f"--set {key}: '{key}' is a training setting and the kept models are already trained; "

@@ -250,14 +250,14 @@ def check_datasets(pending: list[Trial], fixed: dict, data_dir: str | None) -> N
     missing); a missing dataset is one line naming it and how to get it, before any trial starts.
     NumPy readers only: the driver never needs torch."""
     from trainables.config import resolve
-    from trainables.datafiles import DatasetUnavailable, check_arrays, data_root
+    from trainables.datafiles import DatasetUnavailable, data_root, load_arrays
 
     root = data_root(data_dir)
     names = sorted({t.config["dataset"] for t in pending}) or [resolve(fixed)["dataset"]]
     try:
         for name in names:
             for train in (True, False):
-                check_arrays(name, train, root, download=True)
+                load_arrays(name, train, root, download=True)
     except DatasetUnavailable as err:
         raise UserError(f"{err} (the study looks for datasets in, and downloads them to, --data-dir: here "
                         f"{root})") from None
@@ -312,23 +312,6 @@ def _read_invocation(experiment_path: str) -> dict:
             return json.loads(stream.read())
     except (FileNotFoundError, OSError, ValueError):
         return {}
-
-
-# Tune's JSON and CSV result files in each trial folder (Result.metrics_dataframe reads them).
-TUNE_RESULT_LOGGERS = ("ray.tune.logger.JsonLoggerCallback", "ray.tune.logger.CSVLoggerCallback")
-
-
-def use_tune_result_loggers() -> None:
-    """Tune's JSON and CSV result files without its TensorBoard logger: that one imports tensorboardX
-    and through it torch into the driver (1.5 s of CPU at every study start, taken from the workers
-    starting at the same time); the study's dashboards are MLflow's. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
-    in the environment brings it back. The loggers are named in RAY_TUNE_CALLBACKS rather than passed
-    as RunConfig(callbacks=...): Tune's usage statistics on RunConfig callbacks import every logging
-    integration Ray ships, MLflow's among them (0.9 s of the driver's CPU at the same moment)."""
-    if os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1") != "1":
-        return  # Tune adds its three default loggers itself
-    named = [c.strip() for c in os.environ.get("RAY_TUNE_CALLBACKS", "").split(",") if c.strip()]
-    os.environ["RAY_TUNE_CALLBACKS"] = ",".join(named + [c for c in TUNE_RESULT_LOGGERS if c not in named])
 
 
 def _restore_path(spec: StudySpec, options: RunOptions, storage: str, out) -> str | None:
@@ -431,8 +414,15 @@ def run_study(spec: StudySpec, options: RunOptions, out=sys.stdout) -> StudyOutc
                   "cells": [t.config_hash for t in pending]}
     record_grid(spec, trials, storage)  # a rebuilt report lists the missing cells even if the driver dies
     setup_watch = TrialSetupWatch()
-    use_tune_result_loggers()
-    callbacks = [tracker] if options.verbose >= 2 else [tracker, ProgressLine(spec.name, varying, out)]
+    # Tune's JSON and CSV result files in each trial folder (Result.metrics_dataframe reads them), not
+    # its TensorBoard files: the study's dashboards are MLflow's. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
+    # in the environment brings TensorBoard's back.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), tracker]
+    if options.verbose < 2:
+        callbacks.append(ProgressLine(spec.name, varying, out))
     run_config = tune.RunConfig(
         name=name,
         storage_path=storage_mod.join(storage, "tune"),

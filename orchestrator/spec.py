@@ -19,7 +19,6 @@ hashed.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -30,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from trainables.config import NON_SEMANTIC_KEYS, SCHEMA, ConfigError, canonical, check_value, parse_cli_value, resolve
+from trainables.config import NON_SEMANTIC_KEYS, SCHEMA, ConfigError, canonical, check_value, closest, parse_cli_value, resolve
 from trainables.config import HASH_NEUTRAL_DEFAULTS
 
 from .errors import UserError
@@ -156,11 +155,6 @@ def cell_key(factors: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in factors.items() if k != "seed"}, sort_keys=True, default=str)
 
 
-def _closest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
 def _check_fields(mapping: Any, allowed, where: str) -> dict:
     if mapping is None:
         return {}
@@ -168,7 +162,7 @@ def _check_fields(mapping: Any, allowed, where: str) -> dict:
         raise UserError(f"{where}: expected a mapping of fields, got {type(mapping).__name__}")
     for key in mapping:
         if key not in allowed:
-            raise UserError(f"{where}: unknown field '{key}'{_closest(str(key), allowed)}; allowed: {', '.join(allowed)}")
+            raise UserError(f"{where}: unknown field '{key}'{closest(str(key), allowed)}; allowed: {', '.join(allowed)}")
     return mapping
 
 
@@ -213,7 +207,7 @@ def _validated_replication(value: dict, where: str) -> Replication:
         raise UserError(f"{where} seeds.until_ci: expected a half-width > 0 (e.g. 0.02), got {target!r}")
     measure = body.get("measure", REPLICATION_MEASURES[0])
     if measure not in REPLICATION_MEASURES:
-        raise UserError(f"{where} seeds.measure: unknown measure {measure!r}{_closest(str(measure), REPLICATION_MEASURES)}; "
+        raise UserError(f"{where} seeds.measure: unknown measure {measure!r}{closest(str(measure), REPLICATION_MEASURES)}; "
                         f"choose one of {', '.join(REPLICATION_MEASURES)}")
     return Replication(low, high, float(target), measure)
 
@@ -268,7 +262,7 @@ def _validated_search(search: Any, where: str) -> SearchSpec | None:
         raise UserError(f"{where} search.objectives: expected a non-empty list from {', '.join(SEARCH_OBJECTIVES)}")
     for obj in objectives:
         if obj not in SEARCH_OBJECTIVES:
-            raise UserError(f"{where} search.objectives: unknown objective {obj!r}{_closest(str(obj), SEARCH_OBJECTIVES)}")
+            raise UserError(f"{where} search.objectives: unknown objective {obj!r}{closest(str(obj), SEARCH_OBJECTIVES)}")
     num_samples = search.get("num_samples", 8)
     max_concurrent = search.get("max_concurrent", 2)
     for key, value in (("num_samples", num_samples), ("max_concurrent", max_concurrent)):
@@ -281,11 +275,11 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
     """Load, merge the scale and `--set key=value` overrides, validate; raises UserError."""
     studies = available_studies()
     if name not in studies:
-        hint = _closest(name, studies)
+        hint = closest(name, studies)
         listing = ", ".join(studies) or f"none found in {studies_dir()}"
         raise UserError(f"unknown study '{name}'{hint}; available: {listing} (python -m orchestrator.study --list)")
     if scale not in SCALES:
-        raise UserError(f"unknown scale '{scale}'{_closest(scale, SCALES)}; choose one of {', '.join(SCALES)}")
+        raise UserError(f"unknown scale '{scale}'{closest(scale, SCALES)}; choose one of {', '.join(SCALES)}")
     path = studies[name]
     text = path.read_text()
     try:
@@ -327,7 +321,7 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
     if not has_grid:
         raise UserError(f"{where}: the study has no grid; give factors (e.g. `factors: {{ssl_weight: [0.0, 0.5]}}`), "
                         f"seeds (e.g. `seeds: [0, 1, 2]`) or a search")
-    for key, text_value in _parse_overrides(overrides or []):
+    for key, text_value in parse_overrides(overrides or []):
         if key == "seeds":
             value = parse_cli_value(key, text_value)
             if isinstance(value, dict):
@@ -338,7 +332,7 @@ def load_study(name: str, scale: str = "default", overrides: list[str] | None = 
                 seeds = _validated_seeds(value if isinstance(value, list) else [value], "--set seeds")
             continue
         if key not in SCHEMA:
-            raise UserError(f"--set: unknown setting '{key}'{_closest(key, list(SCHEMA) + ['seeds'])}; "
+            raise UserError(f"--set: unknown setting '{key}'{closest(key, list(SCHEMA) + ['seeds'])}; "
                             f"see the settings in trainables/config.py")
         value = parse_cli_value(key, text_value)
         if key in factors:
@@ -395,7 +389,9 @@ def _check_objectives_defined(search: SearchSpec, config: dict, where: str) -> N
                         f"--set 'eval_eps_{norm}={sorted(set(grid) | {eps_train})}', {fix}")
 
 
-def _parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """`--set key=value` items as (key, value-text) pairs, spaces around both stripped; an item
+    without "=" is a UserError (one line)."""
     out = []
     for item in items:
         if "=" not in item:

@@ -31,7 +31,7 @@ from . import liveness
 from .metrics import clean_name
 from .tracking_uri import (TrackingError, check_reachable, default_tracking_uri, is_http, one_line, reason,  # noqa: F401
                            resolve_tracking_uri,
-                           run_url, sqlite_path, SERVER_HINT, trials_view_url)
+                           sqlite_path, SERVER_HINT, trials_view_url)
 
 ROLE_TAG = "sslrobust.role"
 STUDY_TAG = "sslrobust.study"

@@ -171,14 +171,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 ML_VIEW = "workflowType=machine_learning"
 
 
-def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
-    """Link to the experiment (or run) in the MLflow UI, model-training view, for server URIs, else None."""
-    if not is_http(uri):
-        return None
-    url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
-    return (f"{url}/runs/{run_id}" if run_id else f"{url}/runs") + f"?{ML_VIEW}"
-
-
 # The runs table nests child runs under a collapsed parent unless the runs are filtered and ordered
 # by something other than their start time. This view lists the study's trial runs by name, their
 # curves overlaid first in the chart view (orchestrator.metrics).

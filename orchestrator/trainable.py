@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 
 import ray
@@ -102,10 +103,16 @@ def _load_error(err: Exception) -> str:
     return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
+# The trial's own work, in seconds, reported with its results: building the Trainer (data, model)
+# and the epochs this attempt ran (a trial resumed from a checkpoint counts only those), and
+# `Trainer.evaluate`. Tune, checkpoints, the lease, Parquet and the model store are not in them, so a
+# study's wall time can be set against the work its trials did (benchmarks/bench_study_wall.py).
+TRAIN_SECONDS, EVAL_SECONDS = "train_seconds", "eval_seconds"
+
+
 def run_trial(params: dict, context: StudyContext) -> None:
     import torch
 
-    _collect_garbage()  # what is alive now (modules, caches) lives on: keep the collector off it
     if context.compact_console:  # Ray Train's "Checkpoint successfully created at ..." per epoch
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     log = lambda message: print(f"[{context.study}] {message}", flush=True)  # noqa: E731
@@ -132,8 +139,10 @@ def run_trial(params: dict, context: StudyContext) -> None:
         _train_and_record(context, config, chash, trial_id, node_id, lease, log)
     finally:
         lease.release()
-    _collect_garbage()
     if torch.cuda.is_available():
+        # Reused actors run the next trial in this process: free this one's cyclic garbage first,
+        # so that the cached GPU memory handed back is really unused.
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -148,7 +157,9 @@ def _train_and_record(context: StudyContext, config: dict, chash: str, trial_id:
         if config["init"] == "ssl_pretrained":
             pretrained, pretrained_here = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
                                                             data_dir=context.data_dir, log=log)
+        started = time.perf_counter()
         trainer = Trainer(config, data_dir=context.data_dir, pretrained=pretrained)
+        train_seconds = time.perf_counter() - started
     except DatasetUnavailable as err:
         # A set-up error, not a trial failure: retrying cannot help, so the trial ends without an
         # exception (no retry, nothing counted against max_failures) and the driver stops the study
@@ -161,7 +172,10 @@ def _train_and_record(context: StudyContext, config: dict, chash: str, trial_id:
         log(f"trial {chash} resumes after epoch {trainer.epoch}")
 
     last_epoch: dict = {}
-    for metrics in trainer.epochs():
+    while not trainer.done:
+        started = time.perf_counter()
+        metrics = trainer.train_epoch()
+        train_seconds += time.perf_counter() - started
         lease.renew()
         if trainer.done:  # the last epoch is reported, with its checkpoint, together with the results
             last_epoch = metrics
@@ -169,7 +183,9 @@ def _train_and_record(context: StudyContext, config: dict, chash: str, trial_id:
         with _checkpoint(trainer, chash) as checkpoint:
             tune.report({**metrics, "config_hash": chash}, checkpoint=checkpoint)
 
+    started = time.perf_counter()
     records = trainer.evaluate()
+    eval_seconds = time.perf_counter() - started
     # Kept, so a stronger attack later needs no retraining (orchestrator.evaluate): the weights
     # that were evaluated (checkpoint_selection), from epoch trainer.selected_epoch.
     selected, _ = trainer.selected_model()
@@ -184,6 +200,7 @@ def _train_and_record(context: StudyContext, config: dict, chash: str, trial_id:
             **last_epoch, **summary_metrics(config, records), "epoch": trainer.epoch, "config_hash": chash,
             "parquet": parquet_path, "mlflow_run_id": run_id or "", "pretrained_here": int(pretrained_here),
             "selected_epoch": trainer.selected_epoch,
+            TRAIN_SECONDS: train_seconds, EVAL_SECONDS: eval_seconds,
             "masking_flags": ";".join(f"{k.split('/')[-1]}:{v}" for k, v in masking_tags(records).items()),
         }, checkpoint=checkpoint)
     # Reused actors run the next trial in this process: leave nothing of this one behind.
@@ -199,13 +216,3 @@ def _checkpoint(trainer, chash: str):
     with tempfile.TemporaryDirectory() as folder:
         torch.save({"trainer": trainer.state_dict(), "config_hash": chash}, os.path.join(folder, CHECKPOINT_FILE))
         yield tune.Checkpoint.from_directory(folder)
-
-
-def _collect_garbage() -> None:
-    """Free reference cycles, then freeze the survivors: they are long-lived (imported modules,
-    MLflow's and torch's caches), and frozen objects are never walked again by the collector. A full
-    collection over torch, Ray, MLflow and pandas costs ~0.25 s in a worker, more than a trivial
-    trial, and Python runs one now and then during training too. Frozen objects are still freed by
-    reference counting."""
-    gc.collect()
-    gc.freeze()

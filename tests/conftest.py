@@ -1,5 +1,6 @@
-"""Fixtures shared by the tests: trained models (test_attacks, test_ssl_objectives, test_train) and
-a local Ray with a study workspace (the end-to-end study tests).
+"""Fixtures shared by the tests: trained models (test_attacks, test_ssl_objectives, test_train),
+a local Ray with a study workspace (the end-to-end study tests), torch thread settings per test, and
+the rule that marks the tests using the first two `slow`.
 
 Two small_cnn models trained once per session for two epochs on a 3,000-image Fashion-MNIST subset
 with the project's own Trainer (CPU, 2 threads, ~3 s and ~10 s): one standard (ε_train = 0), one
@@ -7,6 +8,8 @@ plain PGD-3 l∞ adversarially trained at ε_train = 0.1 (variant ce, no SSL). P
 500 Fashion-MNIST test images to attack.
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -29,13 +32,49 @@ def _train_small_cnn(eps_train: float):
     return trainer.model
 
 
-@pytest.fixture(scope="session")
-def two_threads():
-    torch.set_num_threads(2)
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` inside the block, the previous count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_for_the_session():
+    """torch on one thread for the whole session (restored at its end), so that module- and
+    session-scoped fixtures compute on the same thread count as the tests: a result computed with
+    two threads can differ in its last bits from the same computation on one. The tests' tensors are
+    small, and on a shared 2-core machine two intra-op threads that keep being descheduled spin-wait
+    on each other (~10x slower). The session's trained models take two threads inside their own
+    fixtures (`torch_threads`)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def one_thread(one_thread_for_the_session):
+    """Every test starts on one torch thread, and whatever it sets is restored after it."""
+    with torch_threads(1):
+        yield
+
+
+# Tests that need one of these fixtures (a local Ray, or a model trained for seconds) are slow:
+# `pytest -m "not slow"` leaves them out (README, development).
+SLOW_FIXTURES = {"ray_cluster", "fmnist_standard_cnn", "fmnist_adversarial_cnn", "fmnist_pgd10_accuracy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
-def fmnist_test_batch(two_threads) -> tuple[torch.Tensor, torch.Tensor]:
+def fmnist_test_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """500 Fashion-MNIST test images (float32 in [0, 1], (500, 1, 28, 28)) and their labels."""
     from trainables.data import load_split, to_float
 
@@ -44,16 +83,18 @@ def fmnist_test_batch(two_threads) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def fmnist_standard_cnn(two_threads) -> torch.nn.Module:
+def fmnist_standard_cnn() -> torch.nn.Module:
     """small_cnn, standard training: 3,000 Fashion-MNIST images, 2 epochs, eval mode."""
-    return _train_small_cnn(0.0)
+    with torch_threads(2):
+        return _train_small_cnn(0.0)
 
 
 @pytest.fixture(scope="session")
-def fmnist_adversarial_cnn(two_threads) -> torch.nn.Module:
+def fmnist_adversarial_cnn() -> torch.nn.Module:
     """small_cnn, PGD-3 l∞ adversarial training at ε = 0.1 (step 2.5·ε/3, random start; variant
     ce, no SSL), same data and seed as `fmnist_standard_cnn`, eval mode."""
-    return _train_small_cnn(FMNIST_EPS_TRAIN)
+    with torch_threads(2):
+        return _train_small_cnn(FMNIST_EPS_TRAIN)
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +105,13 @@ def fmnist_pgd10_accuracy(fmnist_test_batch, fmnist_standard_cnn, fmnist_adversa
 
     x, y = fmnist_test_batch
     out = {"n": len(y)}
-    for name, model in (("standard", fmnist_standard_cnn), ("adversarial", fmnist_adversarial_cnn)):
-        x_adv = pgd(model, x, y, norm="linf", eps=FMNIST_EPS_TRAIN, step_size=0.025, steps=10,
-                    random_start=True, bn_mode="eval", generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            out[name] = (model(x_adv).argmax(1) == y).float().mean().item()
-            out[name + "_clean"] = (model(x).argmax(1) == y).float().mean().item()
+    with torch_threads(2):
+        for name, model in (("standard", fmnist_standard_cnn), ("adversarial", fmnist_adversarial_cnn)):
+            x_adv = pgd(model, x, y, norm="linf", eps=FMNIST_EPS_TRAIN, step_size=0.025, steps=10,
+                        random_start=True, bn_mode="eval", generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                out[name] = (model(x_adv).argmax(1) == y).float().mean().item()
+                out[name + "_clean"] = (model(x).argmax(1) == y).float().mean().item()
     return out
 
 

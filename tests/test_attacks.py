@@ -217,7 +217,7 @@ def test_ascending_curve_is_monotone_exact_at_zero_and_never_above_attack_all(
 def test_curve_accuracy_matches_a_direct_attack_with_the_same_starts(fmnist_adversarial_cnn,
                                                                      fmnist_test_batch):
     # attack_all at one ε is just PGD on the clean-correct examples: reproduce it by hand.
-    from trainables.evaluate import _seed_for
+    from trainables.evaluate import attack_seed
 
     model = fmnist_adversarial_cnn
     x, y = fmnist_test_batch
@@ -225,7 +225,7 @@ def test_curve_accuracy_matches_a_direct_attack_with_the_same_starts(fmnist_adve
     eps, steps = 0.1, 3
     (record,) = [r for r in robust_accuracy_curve(model, x, y, "linf", [eps], steps=steps,
                                                   batch_size=64, seed=4, attack_all=True)]
-    g = torch.Generator().manual_seed(_seed_for(4, "linf", eps))
+    g = torch.Generator().manual_seed(attack_seed(4, "linf", eps))
     starts = random_delta(x.shape, "linf", eps, "cpu", g)
     x_adv = pgd(model, x, y, eps=eps, step_size=2.5 * eps / steps, steps=steps, init=starts)
     with torch.no_grad():

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test runs `python -m orchestrator.study` (or evaluate) in a new process: seconds each.
+pytestmark = pytest.mark.slow
+
 BASE = {
     "description": "a valid tiny study the cases start from",
     "factors": {"ssl_weight": [0.0, 0.5]},

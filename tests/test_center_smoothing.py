@@ -12,9 +12,6 @@ from scipy import stats
 from trainables import center_smoothing as cs
 from trainables.config import ConfigError, center_smoothing_min_n0, resolve
 
-torch.set_num_threads(1)
-
-
 def _linear(gain: float = 3.0):
     """f(x) = A·vec(x), A (2, 16) with orthonormal rows times `gain`: ‖A‖₂ = gain, and f(x + N) is
     N(Ax, (gain·σ)²·I₂), whose distances to Ax are gain·σ·χ₂ (quantile: gain·σ·√(−2 ln(1 − q)))."""

@@ -168,8 +168,8 @@ def test_fashion_mnist_from_debian_files(fmnist_train, fmnist_root):
     assert set(fmnist_train.labels.unique().tolist()) == set(range(10))
     test = data.load_split("fashion_mnist", False, data_dir=fmnist_root, download=False)
     assert test.images.shape == (10000, 1, 28, 28) and len(test) == 10000
-    # Read in place: nothing downloaded or copied, only the decoded arrays kept for the next process.
-    assert [p.name for p in fmnist_root.iterdir()] == ["decoded"]
+    # Read in place: nothing downloaded, copied or written.
+    assert list(fmnist_root.iterdir()) == []
     # The published statistics: a check that pixels were decoded correctly.
     pixels = data.to_float(fmnist_train.images)
     assert pixels.mean().item() == pytest.approx(0.2860, abs=1e-3)
@@ -255,57 +255,6 @@ def test_corrupt_files(tmp_path, no_debian):
     (folder / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(data.DatasetUnavailable, match="corrupt"):
         data.load_split("fashion_mnist", True, data_dir=tmp_path, download=False)
-
-
-def _refuse_to_decode(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("decoded the source files again")
-
-    monkeypatch.setattr(datafiles, "_read_idx", refuse)
-
-
-def test_decoded_copy_is_reused_until_a_source_file_changes(tmp_path, no_debian, monkeypatch):
-    folder = tmp_path / "FashionMNIST" / "raw"
-    arrays = write_mnist_dir(folder, 9, 4, compress=True)
-    first = datafiles.load_arrays("fashion_mnist", True, tmp_path, download=False)
-    assert sorted(p.name for p in (tmp_path / "decoded").iterdir()) == [
-        "fashion_mnist-train.images.npy", "fashion_mnist-train.json", "fashion_mnist-train.labels.npy"]
-
-    with monkeypatch.context() as patch:  # a new process: the arrays come from the decoded copy
-        _refuse_to_decode(patch)
-        again = datafiles.load_arrays("fashion_mnist", True, tmp_path, download=False)
-        datafiles.check_arrays("fashion_mnist", True, tmp_path, download=False)
-        with pytest.raises(data.DatasetUnavailable, match="decoded the source files again"):  # no copy yet
-            datafiles.check_arrays("fashion_mnist", False, tmp_path, download=False)
-    for a, b in zip(first, again):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
-    assert np.array_equal(again[0][:, 0], arrays["train"][0])
-
-    changed = write_mnist_dir(tmp_path / "other", 9, 4, compress=True, seed=5)
-    (tmp_path / "other" / "train-labels-idx1-ubyte.gz").replace(folder / "train-labels-idx1-ubyte.gz")
-    images, labels = datafiles.load_arrays("fashion_mnist", True, tmp_path, download=False)
-    assert labels.tolist() == changed["train"][1].tolist()
-    assert np.array_equal(images[:, 0], arrays["train"][0])
-
-
-def test_damaged_decoded_copy_is_decoded_again(tmp_path, no_debian):
-    arrays = write_mnist_dir(tmp_path / "FashionMNIST" / "raw", 6, 3, compress=False)
-    datafiles.load_arrays("fashion_mnist", False, tmp_path, download=False)
-    copy = tmp_path / "decoded" / "fashion_mnist-test.images.npy"
-    copy.write_bytes(copy.read_bytes()[:100])
-    images, labels = datafiles.load_arrays("fashion_mnist", False, tmp_path, download=False)
-    assert np.array_equal(images[:, 0], arrays["t10k"][0]) and labels.tolist() == arrays["t10k"][1].tolist()
-    assert np.load(copy).shape == (3, 1, 28, 28)  # rewritten whole
-
-
-def test_unwritable_decoded_folder_only_means_decoding_again(tmp_path, no_debian):
-    arrays = write_mnist_dir(tmp_path / "FashionMNIST" / "raw", 6, 3, compress=True)
-    (tmp_path / "decoded").write_text("a file where the folder would be")
-    for _ in range(2):
-        images, _ = datafiles.load_arrays("fashion_mnist", True, tmp_path, download=False)
-        assert np.array_equal(images[:, 0], arrays["train"][0])
-    assert (tmp_path / "decoded").is_file()
-    assert not list(tmp_path.glob("**/*.partial"))
 
 
 # --- CIFAR and SVHN from generated files ---------------------------------------------------

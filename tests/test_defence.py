@@ -18,11 +18,6 @@ from trainables.ssl import Contrastive, Inpainting, MultiTask, RotationPredictio
 FASHION = dataset_info("fashion_mnist")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 def test_reversal_stays_in_the_ball_and_in_0_1_and_lowers_the_ssl_loss():
     torch.manual_seed(0)
     tasks = [RotationPrediction("all"), Contrastive(), Inpainting()]
@@ -142,6 +137,7 @@ def test_defended_rows_share_the_table_and_stay_out_of_the_summary(tmp_path):
     assert defended_metric_name(records[2]) == "defended_acc/ssl_reverse/none/linf/0"
 
 
+@pytest.mark.slow
 def test_defence_raises_accuracy_under_plain_pgd_and_adaptive_pgd_takes_it_back():
     """small_cnn trained ~100 steps with rotation on 3,072 Fashion-MNIST images; 100 test images,
     PGD-10 at ε = 0.1; the reversal uses ε_r = 0.1, 10 steps. This exact run: undefended 0.07,

@@ -651,6 +651,7 @@ def _write_in_subprocess(storage: Path, chash: str, rows: int, size: int, kill: 
     return path
 
 
+@pytest.mark.slow
 def test_parquet_write_killed_half_way_leaves_no_partial_file_visible(tmp_path):
     storage = tmp_path / "runs"
     kept, new = "a" * 16, "b" * 16
@@ -714,6 +715,7 @@ def _pickle_bomb(path: Path, marker: Path) -> None:
     assert probe.exists(), "the pickle bomb did not go off with weights_only=False: the test proves nothing"
 
 
+@pytest.mark.slow
 def test_a_pickle_bomb_trial_checkpoint_is_refused_named_and_not_used(tmp_path, monkeypatch):
     from ray import tune
 
@@ -733,6 +735,7 @@ def test_a_pickle_bomb_trial_checkpoint_is_refused_named_and_not_used(tmp_path, 
     assert "weights_only` set to `False`" not in messages[0]  # and not torch's advice to load it unsafely
 
 
+@pytest.mark.slow
 def test_a_pickle_bomb_pretrained_backbone_is_refused_with_one_line(tmp_path):
     from orchestrator.errors import UserError
     from orchestrator.pretrain import _read

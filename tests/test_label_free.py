@@ -22,9 +22,6 @@ from trainables import label_free as lf
 from trainables import smoothing
 from trainables.config import ConfigError, resolve
 
-torch.set_num_threads(1)
-
-
 # ---------------------------------------------------------------------------------------------
 # measures on hand-made representations
 

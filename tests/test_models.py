@@ -96,17 +96,8 @@ def test_backbone_state_round_trip():
         models.load_backbone(models.build_model("wrn", rgb, depth=10, width=1), state)
 
 
-@pytest.fixture
-def one_thread():
-    # On a shared 2-core machine, two intra-op threads that keep getting descheduled spin-wait
-    # on each other and run this test ~10x slower than one thread does.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_small_cnn_learns_fashion_mnist(one_thread):
+@pytest.mark.slow
+def test_small_cnn_learns_fashion_mnist():
     if not (data.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     info = data.dataset_info("fashion_mnist")

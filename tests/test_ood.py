@@ -247,6 +247,7 @@ def test_report_gets_ood_and_label_noise_tables_and_figures(tmp_path):
 # a short real run
 
 
+@pytest.mark.slow
 def test_rotation_score_separates_gaussian_noise_from_test_images():
     from trainables.train import Trainer
 

@@ -249,6 +249,7 @@ def test_no_ssl_task_counts_as_lambda_zero(tmp_path):
     assert table["delta_above"].iloc[0] == pytest.approx(-0.2, abs=0.05)
 
 
+@pytest.mark.slow
 def test_cli_missing_study_exits_2_with_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator.report", "nosuchstudy", "--storage", str(tmp_path)],

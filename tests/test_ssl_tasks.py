@@ -20,11 +20,6 @@ from trainables.ssl import (
 FASHION = dataset_info("fashion_mnist")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 def _model(*tasks):
     torch.manual_seed(0)
     model = build_model("small_cnn", FASHION)

@@ -84,11 +84,15 @@ def test_grid_study_end_to_end_then_rerun_and_extend(ray_cluster, workspace):
         assert "robust_accuracy_curve.png" in artifacts and f"{chash}.parquet" in artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert "report/report.html" in parent_artifacts
-    # Tune's own result files are there for each trial; its TensorBoard files are not (runner.tune_loggers).
+    # Tune's own result files are there for each trial, the last line with the trial's own work;
+    # its TensorBoard files are not (runner.run_study).
     tune_files = [p for p in Path(options.storage, "tune").rglob("*") if p.is_file()]
     assert sum(p.name == "result.json" for p in tune_files) == 4
     assert sum(p.name == "progress.csv" for p in tune_files) == 4
     assert not [p for p in tune_files if p.name.startswith("events.out.tfevents")]
+    for m in outcome.trial_metrics:
+        assert m["train_seconds"] > 0 and m["eval_seconds"] > 0
+        assert m["train_seconds"] + m["eval_seconds"] < m["time_total_s"]
 
     # Re-running runs nothing and changes nothing.
     _, again, text = run("grid", options)

@@ -322,6 +322,7 @@ def test_close_stale_runs_ends_only_runs_of_dead_drivers(sqlite_uri, monkeypatch
     assert tr.close_stale_runs(uri, exp) == []
 
 
+@pytest.mark.slow
 def test_a_new_sqlite_store_set_up_by_two_processes_at_once(tmp_path):
     import subprocess
     import sys

@@ -18,6 +18,8 @@ from trainables.models import backbone_state
 from trainables.objectives import stack_inputs
 from trainables.train import Trainer, pretrain_rotation, pretrain_settings
 
+pytestmark = pytest.mark.slow  # every test trains (seconds each)
+
 TIMING_KEYS = {"epoch_seconds", "images_per_second"}
 
 
@@ -139,6 +141,42 @@ def test_resume_after_epoch_one_matches_an_uninterrupted_run(uninterrupted, tmp_
     assert _metrics(resumed) == _metrics(uninterrupted)
     _assert_same_weights(resumed.model, uninterrupted.model, keys=sorted(resumed.model.state_dict()))
     assert resumed.optimizer.param_groups[0]["lr"] == uninterrupted.optimizer.param_groups[0]["lr"]
+
+
+# Until torch.optim replaced it, the trainer stepped an SGD/Adam/LambdaLR of its own whose state dicts
+# held only these keys (torch.optim's layout without the options it did not implement). Checkpoints
+# of interrupted trials written then must resume as they would have.
+OWN_OPTIMIZER_GROUP_KEYS = {
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "initial_lr", "params"),
+    "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "initial_lr", "params"),
+}
+
+
+def _in_own_optimizer_layout(state: dict, optimizer: str) -> dict:
+    groups = [{k: g[k] for k in OWN_OPTIMIZER_GROUP_KEYS[optimizer]} for g in state["optimizer"]["param_groups"]]
+    sched = state["scheduler"]
+    return {**state, "optimizer": {"state": state["optimizer"]["state"], "param_groups": groups},
+            "scheduler": {"base_lrs": sched["base_lrs"], "last_epoch": sched["last_epoch"],
+                          "_step_count": sched["last_epoch"] + 1, "_last_lr": sched["_last_lr"],
+                          "lr_lambdas": [None]}}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_checkpoint_of_the_former_own_optimizer_resumes(optimizer, tmp_path):
+    config = {**RESUMABLE, "train_subset": 64} if optimizer == "sgd" else {
+        **RESUMABLE, "train_subset": 64, "optimizer": "adam", "lr": 1e-3, "schedule": "piecewise"}
+    reference = _run(config, epochs=1)
+    old = _in_own_optimizer_layout(reference.state_dict(), optimizer)
+    assert "foreach" not in old["optimizer"]["param_groups"][0]  # really the old layout
+    path = tmp_path / "checkpoint.pt"
+    torch.save(old, path)
+    reference.train_epoch()  # the uninterrupted run
+    resumed = Trainer(config, device="cpu")
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    resumed.train_epoch()
+    assert _metrics(resumed) == _metrics(reference)
+    _assert_same_weights(resumed.model, reference.model, keys=sorted(resumed.model.state_dict()))
+    assert resumed.optimizer.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]
 
 
 # --- SSL pre-training as initialisation ---------------------------------------------------------

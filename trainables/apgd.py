@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .attack_inputs import check_attack_input, check_logits
-from .attacks import _ascent_step, _start_delta, batchnorm_mode, project
+from .attacks import ascent_step, start_delta, batchnorm_mode, project
 from .dlr import dlr_loss, dlr_targeted_loss
 from .folding import folded_for_eval
 
@@ -94,7 +94,7 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
     out = x.clone()
     active = torch.arange(n, device=x.device)
     x0, y0, t0 = x, y, target
-    x_cur = x + _start_delta(x, norm, eps, init, random_start, generator)
+    x_cur = x + start_delta(x, norm, eps, init, random_start, generator)
     loss, grad, logits = _loss_grad(model, x_cur, y, loss_name, target)
     check_logits(logits, "apgd")
     step = torch.full((n,), 2.0 * eps, device=x.device, dtype=x.dtype)
@@ -122,7 +122,7 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
     for i in range(steps):
         if len(active) == 0:
             return out
-        z = x0 + project(x_cur - x0 + step.view(view) * _ascent_step(grad, norm), x0, norm, eps)
+        z = x0 + project(x_cur - x0 + step.view(view) * ascent_step(grad, norm), x0, norm, eps)
         a = MOMENTUM if i > 0 else 1.0
         x_next = x0 + project(x_cur - x0 + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x0, norm, eps)
         x_prev, x_cur = x_cur, x_next

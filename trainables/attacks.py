@@ -52,7 +52,7 @@ def random_delta(
     return direction * radius * eps
 
 
-def _start_delta(x: torch.Tensor, norm: str, eps: float, init: torch.Tensor | None, random_start: bool,
+def start_delta(x: torch.Tensor, norm: str, eps: float, init: torch.Tensor | None, random_start: bool,
                  generator: torch.Generator | None) -> torch.Tensor:
     """A restart's starting δ, projected: `init` if given, else random or zero."""
     if init is not None:
@@ -64,7 +64,9 @@ def _start_delta(x: torch.Tensor, norm: str, eps: float, init: torch.Tensor | No
     return project(delta, x, norm, eps)
 
 
-def _ascent_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
+def ascent_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of unit norm for `grad` (N, ...): sign(grad) in l∞, grad/‖grad‖₂
+    per example in l2 (Madry et al. 2018, Sec. 2; APGD uses the same, Croce & Hein 2020, Alg. 1)."""
     if norm == "linf":
         return grad.sign()
     return grad / (_per_example_norm(grad) + _TINY)
@@ -144,7 +146,7 @@ def pgd(
     best_x, best_loss = None, None
     with batchnorm_mode(model, bn_mode):
         for restart in range(restarts):
-            delta = _start_delta(x, norm, eps, init if restart == 0 else None, random_start, generator)
+            delta = start_delta(x, norm, eps, init if restart == 0 else None, random_start, generator)
             for _ in range(steps):
                 delta.requires_grad_(True)
                 # enable_grad: an attack must work when called under torch.no_grad() too.
@@ -178,7 +180,7 @@ def _pgd_until_misclassified(model, x, y, norm, eps, step_size, steps, random_st
     for restart in range(restarts):
         x_act, y_act = x[active], y[active]
         start = init.to(x)[active] if restart == 0 and init is not None else None
-        delta = _start_delta(x_act, norm, eps, start, random_start, generator)
+        delta = start_delta(x_act, norm, eps, start, random_start, generator)
         for _ in range(steps):
             delta.requires_grad_(True)
             with torch.enable_grad():

@@ -94,7 +94,7 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "rotations": ("one", "str", ROTATIONS),
     "ssl_perturbation": ("shared", "str", SSL_PERTURBATIONS),
     # several SSL tasks at once, {task: weight}: the SSL loss is Σ w_t·SSL_t (ssl_task and
-    # ssl_weight are then not used); empty: the single ssl_task with ssl_weight, as before
+    # ssl_weight are then not used); empty: the single ssl_task with ssl_weight
     "ssl_tasks": ({}, "dict[str,float]", MULTI_SSL_TASKS),
     "contrastive_temperature": (0.2, "float", "pos"),  # NT-Xent temperature of the contrastive task
     # adversarial training
@@ -252,7 +252,9 @@ class ConfigError(ValueError):
     """A config value is wrong; the message is one line that says what, where and how to fix."""
 
 
-def _closest(word: str, options) -> str:
+def closest(word: str, options) -> str:
+    """" (did you mean a, b?)" naming up to three of `options` close to a misspelt `word`, or ""
+    when none is: the hint every unknown-name error ends with."""
     import difflib
 
     close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
@@ -298,7 +300,7 @@ def _check_number(key: str, value: Any, kind: str, constraint: Any, where: str) 
 def check_value(key: str, value: Any, where: str = "config") -> Any:
     """Validate (and normalise) one value; raises ConfigError with a one-line message."""
     if key not in SCHEMA:
-        raise ConfigError(f"{where}: unknown setting '{key}'{_closest(key, SCHEMA)}")
+        raise ConfigError(f"{where}: unknown setting '{key}'{closest(key, SCHEMA)}")
     _, kind, constraint = SCHEMA[key]
     if value is None:
         if kind.endswith("?"):
@@ -331,7 +333,7 @@ def _check_scalar(key: str, value: Any, kind: str, constraint: Any, where: str) 
             raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
         if isinstance(constraint, tuple) and value not in constraint:
             raise ConfigError(
-                f"{where}: unknown {key} '{value}'{_closest(value, constraint)}; "
+                f"{where}: unknown {key} '{value}'{closest(value, constraint)}; "
                 f"choose one of {', '.join(constraint)}"
             )
         return value

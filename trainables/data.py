@@ -51,11 +51,6 @@ _CACHE: dict[tuple[str, bool, str], tuple[torch.Tensor, torch.Tensor]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def clear_cache() -> None:
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
 def _load_cached(name: str, train: bool, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     key = (name, train, str(root.resolve()))
     with _CACHE_LOCK:

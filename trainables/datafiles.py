@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
-import json
 import math
 import os
 import pickle
@@ -28,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from trainables.config import DATASETS, ConfigError, _closest
+from trainables.config import DATASETS, ConfigError, closest
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 MIRROR_ENV = "SSLROBUST_DATA_MIRROR"
@@ -72,7 +71,7 @@ assert set(_INFOS) == set(DATASETS)
 def dataset_info(name: str) -> DatasetInfo:
     if name not in _INFOS:
         raise ConfigError(
-            f"unknown dataset '{name}'{_closest(str(name), DATASETS)}; choose one of {', '.join(DATASETS)}"
+            f"unknown dataset '{name}'{closest(str(name), DATASETS)}; choose one of {', '.join(DATASETS)}"
         )
     return _INFOS[name]
 
@@ -337,86 +336,9 @@ def stage(name: str, train: bool, root: Path):
     return found
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoded copies. Decoding a split (gunzip, unpickle, .mat) costs every new worker process and the
-# driver's check 0.3 s (Fashion-MNIST) to seconds (CIFAR, SVHN); a checked split is kept as two .npy
-# files under <root>/decoded, valid while every source file keeps its size and modification time.
-# The stamp file is written last: a reader that finds it finds both arrays complete.
-
-DECODED_FORMAT = 1
-
-
-def _source_stats(found) -> list[list]:
-    paths = [found] if isinstance(found, Path) else list(found)
-    stats = [(p, p.stat()) for p in paths]
-    return [[str(p), st.st_size, st.st_mtime_ns] for p, st in stats]
-
-
-def _decoded_paths(root: Path, name: str, train: bool) -> tuple[Path, Path, Path]:
-    stem = root / "decoded" / f"{name}-{'train' if train else 'test'}"
-    return stem.with_suffix(".images.npy"), stem.with_suffix(".labels.npy"), stem.with_suffix(".json")
-
-
-def _decoded_is_current(root: Path, name: str, train: bool, found) -> bool:
-    *_, stamp = _decoded_paths(root, name, train)
-    try:
-        return json.loads(stamp.read_text()) == {"format": DECODED_FORMAT, "sources": _source_stats(found)}
-    except (OSError, ValueError):
-        return False
-
-
-def _read_decoded(root: Path, name: str, train: bool, found) -> tuple[np.ndarray, np.ndarray] | None:
-    if not _decoded_is_current(root, name, train, found):
-        return None
-    images_path, labels_path, _ = _decoded_paths(root, name, train)
-    info = _INFOS[name]
-    try:
-        images, labels = np.load(images_path), np.load(labels_path)
-    except (OSError, ValueError):
-        return None
-    if images.dtype != np.uint8 or images.shape[1:] != (info.channels, info.size, info.size) \
-            or labels.dtype != np.int64 or labels.shape != (len(images),):
-        return None  # decoded from the files again (and rewritten)
-    return images, labels
-
-
-def _write_decoded(root: Path, name: str, train: bool, found, images: np.ndarray, labels: np.ndarray) -> None:
-    """Best effort: a read-only or full data folder only means decoding again next time."""
-    images_path, labels_path, stamp = _decoded_paths(root, name, train)
-    written = []
-    try:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.unlink(missing_ok=True)
-        for path, array in ((images_path, images), (labels_path, labels)):
-            # Workers (on several nodes, if the data folder is shared) may decode the same split at
-            # once: each writes a file of its own, then renames it.
-            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-            written.append(partial)
-            with open(partial, "wb") as f:
-                np.save(f, array)
-            os.replace(partial, path)
-        partial = stamp.with_name(f".{stamp.name}.{uuid.uuid4().hex}.partial")
-        written.append(partial)
-        partial.write_text(json.dumps({"format": DECODED_FORMAT, "sources": _source_stats(found)}))
-        os.replace(partial, stamp)
-    except OSError:
-        for path in written:
-            path.unlink(missing_ok=True)
-
-
-def check_arrays(name: str, train: bool, root: Path, download: bool) -> None:
-    """Raise DatasetUnavailable unless the split loads; reads nothing when a current decoded copy
-    exists (the study driver's pre-flight check)."""
-    found = _source(name, train, root).locate()
-    if found is None or not _decoded_is_current(root, name, train, found):
-        load_arrays(name, train, root, download)
-
-
 def load_arrays(name: str, train: bool, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
     source = _source(name, train, root)
     found = source.locate()
-    if found is not None and (decoded := _read_decoded(root, name, train, found)) is not None:
-        return decoded
     if found is None:
         # A mirror is the user's own copy, not a download from the internet: used even when
         # download=False (OOD sets, which are never downloaded, are staged from it too).
@@ -438,5 +360,4 @@ def load_arrays(name: str, train: bool, root: Path, download: bool) -> tuple[np.
         raise _unavailable(name, train, reason, source)
     if labels.min() < 0 or labels.max() >= info.num_classes:
         raise _unavailable(name, train, f"files are corrupt (labels outside 0..{info.num_classes - 1})", source)
-    _write_decoded(root, name, train, found, images, labels)
     return images, labels

@@ -51,11 +51,6 @@ def defence_task(config: dict, model=None) -> MultiTask:
     return MultiTask(tasks, weights)
 
 
-def ssl_loss(model, x: torch.Tensor, task: MultiTask, labels) -> torch.Tensor:
-    """Per-example weighted SSL loss Σ w_t·SSL_t(x) (N,)."""
-    return task.loss(model, x, labels)
-
-
 def ssl_reverse(model, x: torch.Tensor, tasks_weights, eps: float, steps: int = 10,
                 step_size: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """x + r with ‖r‖∞ ≤ eps, x + r in [0, 1], r from PGD *descent* on the weighted SSL loss.
@@ -113,7 +108,7 @@ def _classify(model, x: torch.Tensor) -> torch.Tensor:
 def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> list[dict]:
     """Records (evaluate.RECORD_KEYS + defence) of the defended model: ε_test = 0 (defended clean
     accuracy) and, for every ε_test > 0, the plain ("pgd") and adaptive ("pgd_adaptive") attack."""
-    from .evaluate import _record, _seed_for, fraction
+    from .evaluate import curve_record, attack_seed, fraction
 
     model.eval()
     task = defence_task(config, model)
@@ -137,13 +132,13 @@ def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> l
     for norm in config["eval_norms"]:
         for eps in sorted(float(e) for e in config[f"eval_eps_{norm}"]):
             if eps == 0:
-                records.append(dict(_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc),
+                records.append(dict(curve_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc),
                                     defence=config["defence"]))
                 continue
             steps = config["eval_attack_steps"]
             step_size = config["eval_step_size_factor"] * eps / steps
             for attack in ("pgd", "pgd_adaptive"):
-                generator = torch.Generator(device=x.device).manual_seed(_seed_for(seed, norm, eps))
+                generator = torch.Generator(device=x.device).manual_seed(attack_seed(seed, norm, eps))
                 starts = random_delta(x.shape, norm, eps, x.device, generator)
                 adversarial = []
                 for i in range(0, len(x), batch_size):
@@ -159,7 +154,7 @@ def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> l
                                            generator=generator, init=starts[i : i + batch_size], **kwargs))
                 correct = defend_and_classify(torch.cat(adversarial), int(round(eps * 1e6)) + 1) == y
                 records.append(dict(
-                    _record(norm, eps, attack, steps, step_size, config["eval_restarts"], len(x), clean_acc,
+                    curve_record(norm, eps, attack, steps, step_size, config["eval_restarts"], len(x), clean_acc,
                             fraction(correct)),
                     defence=config["defence"],
                 ))

@@ -97,11 +97,11 @@ def robust_accuracy_curve(
     records = []
     for eps in sorted(float(e) for e in eps_grid):
         if eps == 0:
-            records.append(_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc,
+            records.append(curve_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc,
                                    correct=clean_correct))
             continue
         step_size = step_size_factor * eps / steps
-        generator = torch.Generator(device=x.device).manual_seed(_seed_for(seed, norm, eps))
+        generator = torch.Generator(device=x.device).manual_seed(attack_seed(seed, norm, eps))
         starts = random_delta(x.shape, norm, eps, x.device, generator) if random_start else None
         candidates = clean_correct if attack_all else still_correct
         index = candidates.nonzero().flatten()
@@ -119,7 +119,7 @@ def robust_accuracy_curve(
                 correct_now[batch] = fooled_by < 0
                 taken += torch.bincount(fooled_by[fooled_by >= 0].cpu(), minlength=len(members))
             still_correct = correct_now if attack_all else still_correct & correct_now
-            record = _record(norm, eps, attack, apgd_steps, 2 * eps, 1, len(x), clean_acc,
+            record = curve_record(norm, eps, attack, apgd_steps, 2 * eps, 1, len(x), clean_acc,
                              fraction(still_correct), correct=still_correct)
             record["fooled_by"] = json.dumps(dict(zip(members, taken.tolist())))
             records.append(record)
@@ -140,19 +140,22 @@ def robust_accuracy_curve(
         if robust_masks is not None:
             robust_masks[eps] = still_correct.clone()
         records.append(
-            _record(norm, eps, "pgd_any_iterate" if stop_on_success else "pgd", steps, step_size, restarts,
+            curve_record(norm, eps, "pgd_any_iterate" if stop_on_success else "pgd", steps, step_size, restarts,
                     len(x), clean_acc, fraction(still_correct), correct=still_correct)
         )
     return records
 
 
-def _seed_for(seed: int, norm: str, eps: float) -> int:
-    # A stable per-(norm, ε) seed: the same starts for an ε whatever else is in the grid.
+def attack_seed(seed: int, norm: str, eps: float) -> int:
+    """The seed of the attack's random starts at (norm, ε) for evaluation seed `seed`: stable, so an
+    ε gets the same starts whatever else is in the grid (and defended evaluation the same as plain)."""
     return (seed * 1_000_003 + (0 if norm == "linf" else 7919) + int(round(eps * 1e6))) % (2**63)
 
 
-def _record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_acc, correct=None) -> dict:
-    """`correct`: the (N,) bool mask of the examples counted in robust_acc, or None."""
+def curve_record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_acc, correct=None) -> dict:
+    """One robustness-curve result row (accuracies as fractions in [0, 1] over `n` examples; the
+    columns of other evaluations, corruption to masking_flags, None). `correct`: the (N,) bool mask
+    of the examples counted in robust_acc (packed into the `correct` column), or None."""
     return dict(
         norm=norm, eps_test=float(eps), attack=attack, attack_steps=int(steps),
         step_size=float(step_size), restarts=int(restarts), n_examples=int(n),

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainables.config import ARCHS, ConfigError, _closest
+from trainables.config import ARCHS, ConfigError, closest
 from trainables.data import DatasetInfo
 
 _OWN_PREFIXES = ("backbone.", "normalize.")
@@ -134,7 +134,7 @@ def build_model(arch: str, info: DatasetInfo, depth: int = 40, width: int = 2) -
     elif arch == "wrn":
         backbone, dim = wide_resnet(info.channels, depth, width)
     else:
-        raise ConfigError(f"unknown arch '{arch}'{_closest(str(arch), ARCHS)}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown arch '{arch}'{closest(str(arch), ARCHS)}; choose one of {', '.join(ARCHS)}")
     return Classifier(info, backbone, dim, arch=arch)
 
 

@@ -24,7 +24,6 @@ from .evaluate import evaluate_model, fraction, predictions, robust_accuracy_cur
 from .label_noise import corrupt_labels, label_noise_generator
 from .models import backbone_state, build_model, load_backbone
 from .objectives import SSLBatch, attack_objective, stack_inputs, update_loss
-from .optim import SGD, Adam, LambdaLR
 from .ssl import attach_head, build_task, task_from_config  # noqa: F401 - build_task re-exported
 
 # Keys that decide the SSL pre-training a fine-tuning run starts from (its cache key).
@@ -49,17 +48,18 @@ def pretrain_settings(config: dict) -> dict:
     return settings
 
 
-def _optimizer(params, cfg: dict, lr: float) -> SGD | Adam:
-    """Our own SGD/Adam (trainables/optim.py): constructing a torch.optim one imports torch._dynamo."""
+def _optimizer(params, cfg: dict, lr: float) -> torch.optim.Optimizer:
+    """torch.optim's SGD (Nesterov momentum by default) or Adam; L2 weight decay on every parameter
+    (batch-norm scales and biases included), as in the seed papers' training code."""
     if cfg["optimizer"] == "adam":
-        return Adam(params, lr=lr, weight_decay=cfg["weight_decay"])
-    return SGD(
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(
         params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
         nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
     )
 
 
-def _schedule(optimizer, kind: str, total_steps: int) -> LambdaLR:
+def _schedule(optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedules: cosine to zero, constant, or piecewise (÷10 at 50% and 75%)."""
     total = max(total_steps, 1)
     if kind == "cosine":
@@ -68,7 +68,7 @@ def _schedule(optimizer, kind: str, total_steps: int) -> LambdaLR:
         factor = lambda step: 1.0 if step < 0.5 * total else 0.1 if step < 0.75 * total else 0.01  # noqa: E731
     else:
         factor = lambda step: 1.0  # noqa: E731
-    return LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Trainer:

@@ -1,0 +1,95 @@
+"""Study wall time against the ideal: what a user waits for, set against the work the trials did.
+
+Runs a study (default: `weight_sweep` at its default scale) through the real command line,
+`python -m orchestrator.study`, in a temporary folder (storage, MLflow sqlite store), and times the
+whole command. Each trial reports its own work, `train_seconds` + `eval_seconds` (building the
+Trainer and its epochs, and `Trainer.evaluate`: orchestrator/trainable.py); the ideal wall time is
+the sum of that work over all trials divided by the trials that run at once (the study's CPUs per
+trial into this machine's CPUs, at most the number of trials or --max-concurrent). Everything else a
+user waits on (starting Ray and the MLflow store, Tune, checkpoints, Parquet, the report, and slots
+left idle by an uneven last round) is in the ratio.
+
+    python benchmarks/bench_study_wall.py [--study weight_sweep] [--scale default] [--set KEY=VALUE ...]
+
+Target: wall / ideal <= 1.08. Run it on an otherwise idle machine: other processes slow the
+trials, which the ideal absorbs, and the driver's work, which it does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from orchestrator.trainable import EVAL_SECONDS, TRAIN_SECONDS  # noqa: E402 - after the path is set
+
+
+def trial_work(storage: Path) -> list[tuple[float, float]]:
+    """(train_seconds, eval_seconds) of every trial, from the last result line of each trial's Tune
+    result file (`<storage>/tune/<invocation>/<trial>/result.json`)."""
+    work = []
+    for path in sorted(storage.glob("tune/*/*/result.json")):
+        finals = [r for r in map(json.loads, path.read_text().splitlines()) if TRAIN_SECONDS in r]
+        if finals:
+            work.append((float(finals[-1][TRAIN_SECONDS]), float(finals[-1][EVAL_SECONDS])))
+    return work
+
+
+def slots(study: str, scale: str, sets: list[str], max_concurrent: int | None) -> tuple[int, int]:
+    """(trials in the study, trials that run at once on this machine's local Ray)."""
+    from orchestrator.spec import load_study
+
+    spec = load_study(study, scale, sets)
+    trials = len(spec.trials())
+    at_once = max(1, int((os.cpu_count() or 1) // spec.resources["cpu"])) if spec.resources["cpu"] else trials
+    return trials, min(trials, at_once, max_concurrent or trials)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--study", default="weight_sweep")
+    parser.add_argument("--scale", default="default")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--max-concurrent", type=int)
+    args = parser.parse_args()
+    trials, at_once = slots(args.study, args.scale, args.sets, args.max_concurrent)
+    with tempfile.TemporaryDirectory(prefix="bench-study-wall-") as folder:
+        work_dir = Path(folder)
+        command = [sys.executable, "-m", "orchestrator.study", args.study, "--scale", args.scale,
+                   "--storage", str(work_dir / "runs"), "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db",
+                   *[f"--set={s}" for s in args.sets],
+                   *(["--max-concurrent", str(args.max_concurrent)] if args.max_concurrent else [])]
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        load_after = os.getloadavg()
+        if done.returncode != 0:
+            print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", file=sys.stderr)
+            return 1
+        work = trial_work(work_dir / "runs")
+    if len(work) != trials:
+        print(f"expected {trials} trials' results, found {len(work)}", file=sys.stderr)
+        return 1
+    train, evaluate = sum(w[0] for w in work), sum(w[1] for w in work)
+    ideal = (train + evaluate) / at_once
+    rounds = math.ceil(trials / at_once)
+    print(f"{args.study} ({args.scale} scale{', ' + ' '.join(args.sets) if args.sets else ''}): {trials} trials, "
+          f"{at_once} at once ({rounds} rounds); load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"trials' own work: training {train:.1f} s + evaluation {evaluate:.1f} s = {train + evaluate:.1f} s "
+          f"(per trial {min(sum(w) for w in work):.1f}-{max(sum(w) for w in work):.1f} s)")
+    print(f"study wall time {wall:.1f} s (the whole command), ideal {ideal:.1f} s (work / {at_once})")
+    print(f"wall / ideal = {wall / ideal:.3f} (target <= 1.08)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
