@@ -59,6 +59,8 @@ def main() -> int:
     parser.add_argument("--scale", default="default")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--max-concurrent", type=int)
+    parser.add_argument("--show-end", type=int, default=0, metavar="LINES",
+                        help="also print the last LINES lines the study printed (its end-of-run tables)")
     args = parser.parse_args()
     trials, at_once = slots(args.study, args.scale, args.sets, args.max_concurrent)
     with tempfile.TemporaryDirectory(prefix="bench-study-wall-") as folder:
@@ -76,6 +78,8 @@ def main() -> int:
             print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", file=sys.stderr)
             return 1
         work = trial_work(work_dir / "runs")
+        if args.show_end:
+            print("\n".join(done.stdout.splitlines()[-args.show_end:]))
     if len(work) != trials:
         print(f"expected {trials} trials' results, found {len(work)}", file=sys.stderr)
         return 1
