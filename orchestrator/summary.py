@@ -1,13 +1,12 @@
 """The end of a study invocation: the report, its MLflow artifacts, and what the user reads last."""
 from __future__ import annotations
 
-import json
 import sys
 
 
 from . import results
 from .errors import UserError
-from .interval_tables import difference_intervals, robustness_intervals, wide_table
+from .interval_tables import difference_intervals, factor_groups, robustness_intervals, wide_table, with_factors
 from .intervals import interval_legend
 
 
@@ -100,16 +99,11 @@ def ood_auroc_table(spec, table) -> str | None:
     if rows.empty:
         return None
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]
-    configs = rows["config_json"].map(json.loads)
-    for name in factor_names:
-        rows[f"factor.{name}"] = configs.map(lambda c, n=name: json.dumps(c.get(n)))
-    keys = [f"factor.{n}" for n in factor_names]
     columns = sorted({(s, sc) for s, sc in zip(rows["ood_set"], rows["score"])})
     header = [*factor_names, "seeds", *(f"{s}/{sc}" for s, sc in columns)]
     lines = [header]
-    for key, group in rows.groupby(keys, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        line = [json.loads(k) for k in key] + [str(group["seed"].nunique())]
+    for values, group in factor_groups(with_factors(rows, factor_names), factor_names):
+        line = [*values, str(group["seed"].nunique())]
         for ood_set, score in columns:
             values = group[(group["ood_set"] == ood_set) & (group["score"] == score)]["value"]
             mean, half, n = mean_ci(values)
