@@ -8,7 +8,7 @@ import json
 import pandas as pd
 
 from . import results
-from .intervals import Interval, accuracy_interval, difference_interval, interval_legend, mixed, table_cell
+from .intervals import BOOTSTRAP_SOURCES, Interval, accuracy_interval, difference_interval, interval_legend, mixed, table_cell
 
 
 def training_norm_robustness(table):
@@ -113,7 +113,9 @@ def interval_report_tables(table, factor_names: list[str]) -> list[tuple]:
             "accuracy_intervals", "Robust accuracy with intervals over seeds and test examples",
             "Robust accuracy per cell against ε_test (each trial's training norm; ε_test = 0: clean accuracy). "
             + interval_legend(list(absolute["interval"])) + ". Every trial is evaluated on the same test images, "
-            "so an interval over seeds alone holds the test set fixed; this one also resamples the test images.",
+            "so an interval over seeds alone holds the test set fixed"
+            + ("; the bootstrap also resamples the test images." if any(
+                i is not None and i.sources in BOOTSTRAP_SOURCES for i in absolute["interval"]) else "."),
             csv(absolute), display([*factor_names, "seeds"], False)))
     others = [f for f in factor_names if f != "ssl_weight"]
     if "ssl_weight" in factor_names:
