@@ -339,3 +339,30 @@ def test_best_robust_val_needs_a_validation_split():
 
     with pytest.raises(ConfigError, match="needs a validation split; set val_subset"):
         resolve({"checkpoint_selection": "best_robust_val"})
+
+
+# --- training precision ---------------------------------------------------------------------------
+
+def test_train_precision_decides_where_training_runs_in_bf16():
+    from trainables.device import cpu_has_native_bf16, uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not uses_bf16(cpu, "auto") and not uses_bf16(cpu, "fp32")
+    assert uses_bf16(cpu, "bf16") == cpu_has_native_bf16()  # emulated bf16 would be slower than fp32
+    assert uses_bf16(cuda, "auto") and uses_bf16(cuda, "bf16") and not uses_bf16(cuda, "fp32")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        uses_bf16(cpu, "fp16")
+
+
+def test_bf16_training_changes_the_weights_only_by_rounding():
+    tiny = {**VAL_TINY, "val_subset": None, "epochs": 1, "ssl_task": "rotation", "attack_variant": "joint"}
+    fp32, bf16 = _run({**tiny, "train_precision": "fp32"}), _run({**tiny, "train_precision": "bf16"})
+    assert _metrics(fp32) == _metrics(_run(tiny))  # "auto" is fp32 on CPU: today's results unchanged
+    from trainables.device import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():  # "bf16" falls back to fp32 where the CPU has no native bf16
+        assert _metrics(bf16) == _metrics(fp32)
+        return
+    assert _differs(fp32.model, bf16.model)  # it did train in bf16
+    loss32, loss16 = fp32.history[-1]["train_loss"], bf16.history[-1]["train_loss"]
+    assert math.isfinite(loss16) and abs(loss16 - loss32) < 0.1 * loss32

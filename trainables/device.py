@@ -1,4 +1,5 @@
-"""Where a trial runs and its speed settings: bf16 autocast and cudnn autotuning on CUDA, channels_last
+"""Where a trial runs and its speed settings: bf16 autocast and cudnn autotuning on CUDA (bf16 training
+also on CPUs with native bf16 when asked: config `train_precision`), channels_last
 memory format on CUDA and CPU (oneDNN's CPU convolutions prefer it too: small_cnn trains ~25% and
 attacks ~20% faster on CPU with it, benchmarks/RESULTS.md)."""
 from __future__ import annotations
@@ -16,10 +17,30 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); full precision on CPU."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), where oneDNN's bf16
+    convolutions beat fp32; elsewhere torch emulates bf16 and it is slower than fp32."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether `autocast(device, precision)` computes in bf16: "auto" on CUDA only, "bf16" on CUDA
+    and on CPUs with native bf16, "fp32" never. Raises ValueError for another precision."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
+    if precision == "fp32":
+        return False
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return True
+    return precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16()
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast (no loss scaling needed, unlike fp16) where `uses_bf16(device, precision)`,
+    else full precision. Evaluation calls it with "auto": attacks run in fp32 on CPU."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

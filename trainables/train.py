@@ -177,7 +177,7 @@ class Trainer:
             x = prepare_input(x)
             ssl = self._ssl_batch(len(y))
             x_in = stack_inputs(x, ssl) if ssl is not None and ssl.stacked else x
-            with autocast(self.device):
+            with autocast(self.device, cfg["train_precision"]):
                 x_adv = self._adversarial(x_in, y, ssl)
                 self.model.train()
                 loss, losses = update_loss(self.model, x_adv, y, ssl)
