@@ -12,8 +12,8 @@ from .intervals import BOOTSTRAP_SOURCES, Interval, accuracy_interval, differenc
 
 
 def training_norm_robustness(table):
-    """The robustness rows (trainables.row_kind, undefended) of each trial's training norm, a copy."""
-    from trainables.row_kind import ROBUSTNESS
+    """The robustness rows (trainables.records, undefended) of each trial's training norm, a copy."""
+    from trainables.records import ROBUSTNESS
 
     return table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == table["norm_train"])].copy()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, present, row_kind
+from trainables.records import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, present, row_kind
 
 EPS_STEP_SCALE = 10_000  # step of ε on a curve: round(ε · 10^4)
 MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param names

@@ -55,11 +55,64 @@ import pyarrow.parquet as pq
 
 from orchestrator import storage as storage_mod
 from orchestrator.errors import UserError
+from trainables.records import CORRUPTION, EVAL_COLUMNS, LABEL_FREE, OOD, ROBUSTNESS, row_kind
 
 # --------------------------------------------------------------------------------------------
 # The schema: (name, arrow type, nullable). Everything else is derived from this list.
 # --------------------------------------------------------------------------------------------
 _TS = pa.timestamp("us", tz="UTC")
+
+# The evaluation's columns: exactly the fields of trainables.records.EvalRecord (what every
+# evaluation returns), in its order, typed here: name -> (arrow type, nullable). `eval_hash`, which
+# the orchestrator sets, sits after `defence`, where files have always had it.
+EVAL_COLUMN_TYPES: dict[str, tuple[pa.DataType, bool]] = {
+    "norm": (pa.string(), True),  # null on corruption and measure rows
+    "eps_test": (pa.float64(), True),  # null on corruption and measure rows
+    # eval_attack: "apgd", "autoattack", "pgd_any_iterate" or "pgd" (eval_stop_on_success); "none"
+    # at ε 0 and on corruption rows
+    "attack": (pa.string(), False),
+    "attack_steps": (pa.int64(), True),  # null (or 0) on corruption rows
+    "step_size": (pa.float64(), True),  # null (or 0) on corruption rows
+    "restarts": (pa.int64(), True),  # null (or 0) on corruption rows
+    "n_examples": (pa.int64(), False),
+    "clean_acc": (pa.float64(), False),
+    # corruption rows: accuracy under the corruption; null only on measure rows (validate_rows)
+    "robust_acc": (pa.float64(), True),
+    "corruption": (pa.string(), True),  # null on adversarial rows
+    "severity": (pa.int64(), True),  # null on adversarial rows
+    "ood_set": (pa.string(), True),  # OOD rows: gaussian, rademacher, blobs, mnist; else null
+    "score": (pa.string(), True),  # OOD rows: the detection score (msp, rotation); else null
+    "measure": (pa.string(), True),  # measure rows: what `value` is (auroc, aupr, fpr95); else null
+    "value": (pa.float64(), True),  # measure rows: the measured number; else null
+    # label-free measure rows (ood_set null): the certified l2 radius of measure certified_acc, the
+    # l2 input radius ε of the center_smoothing_* measures; else null
+    "radius": (pa.float64(), True),
+    # test-time defence of the row (trainables.defence), e.g. "ssl_reverse"; null: undefended
+    # (every row written before the column existed). Defended rows name their attack in `attack`:
+    # "pgd" (plain, unaware of the defence), "pgd_adaptive", or "none" at ε_test = 0.
+    "defence": (pa.string(), True),
+    # apgd and autoattack rows: JSON {attack: examples it fooled first at this ε}, in the order the
+    # attacks ran (AutoAttack's own log), e.g. {"apgd_ce": 40, "apgd_t": 3}; else null
+    "fooled_by": (pa.string(), True),
+    # adversarial rows: the gradient-masking checks that fired for this curve (trainables.masking),
+    # comma-separated; "" when none fired; null where the checks did not run (older files)
+    "masking_flags": (pa.string(), True),
+    # robustness rows (clean at ε_test 0, and each attacked ε_test): which test examples were still
+    # classified correctly, so intervals can resample examples as well as seeds and comparisons can
+    # pair on them (orchestrator.intervals). Packed bits in the evaluation's example order (the test
+    # set's first n_examples images): example i is bit i % 8 (least significant first) of byte
+    # i // 8, 1 = correct, ceil(n_examples / 8) bytes, padding bits 0, popcount / n_examples =
+    # robust_acc (trainables.correct_bits). Null on other rows and in files written before it.
+    "correct": (pa.binary(), True),
+}
+if tuple(EVAL_COLUMN_TYPES) != EVAL_COLUMNS:  # pragma: no cover - a field added to one and not the other
+    raise AssertionError(f"EVAL_COLUMN_TYPES {tuple(EVAL_COLUMN_TYPES)} != EvalRecord's fields {EVAL_COLUMNS}")
+# the re-evaluation of a kept model that wrote the row (orchestrator.evaluate): the hash of the
+# evaluation settings it changed (`config_json` holds the config it evaluated with); null: the
+# trial's own evaluation right after training. Its rows' node_id is `evaluate@HOST`.
+_EVAL_HASH = ("eval_hash", pa.string(), True)
+_EVAL_SPECS = tuple((name, *EVAL_COLUMN_TYPES[name]) for name in EVAL_COLUMNS)
+_AFTER_DEFENCE = EVAL_COLUMNS.index("defence") + 1
 
 COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("study", pa.string(), False),
@@ -80,46 +133,7 @@ COLUMN_SPECS: tuple[tuple[str, pa.DataType, bool], ...] = (
     # the training epoch whose weights were evaluated (checkpoint_selection: the last epoch, or the
     # best on robust validation accuracy); null in files written before it was recorded
     ("selected_epoch", pa.int64(), True),
-    ("norm", pa.string(), True),  # null on corruption rows
-    ("eps_test", pa.float64(), True),  # null on corruption rows
-    ("attack", pa.string(), False),  # eval_attack: "apgd", "autoattack", "pgd_any_iterate" or "pgd" (eval_stop_on_success); "none" at ε 0 and on corruption rows
-    ("attack_steps", pa.int64(), True),  # null (or 0) on corruption rows
-    ("step_size", pa.float64(), True),  # null (or 0) on corruption rows
-    ("restarts", pa.int64(), True),  # null (or 0) on corruption rows
-    ("n_examples", pa.int64(), False),
-    ("clean_acc", pa.float64(), False),
-    ("robust_acc", pa.float64(), True),  # corruption rows: accuracy under the corruption; null
-    # only on measure rows (checked in validate_rows)
-    ("corruption", pa.string(), True),  # null on adversarial rows
-    ("severity", pa.int64(), True),  # null on adversarial rows
-    ("ood_set", pa.string(), True),  # OOD rows: gaussian, rademacher, blobs, mnist; else null
-    ("score", pa.string(), True),  # OOD rows: the detection score (msp, rotation); else null
-    ("measure", pa.string(), True),  # measure rows: what `value` is (auroc, aupr, fpr95); else null
-    ("value", pa.float64(), True),  # measure rows: the measured number; else null
-    # label-free measure rows (ood_set null): the certified l2 radius of measure certified_acc, the
-    # l2 input radius ε of the center_smoothing_* measures; else null
-    ("radius", pa.float64(), True),
-    # test-time defence of the row (trainables.defence), e.g. "ssl_reverse"; null: undefended
-    # (every row written before the column existed). Defended rows name their attack in `attack`:
-    # "pgd" (plain, unaware of the defence), "pgd_adaptive", or "none" at ε_test = 0.
-    ("defence", pa.string(), True),
-    # the re-evaluation of a kept model that wrote the row (orchestrator.evaluate): the hash of the
-    # evaluation settings it changed (`config_json` holds the config it evaluated with); null: the
-    # trial's own evaluation right after training. Its rows' node_id is `evaluate@HOST`.
-    ("eval_hash", pa.string(), True),
-    # apgd and autoattack rows: JSON {attack: examples it fooled first at this ε}, in the order the
-    # attacks ran (AutoAttack's own log), e.g. {"apgd_ce": 40, "apgd_t": 3}; else null
-    ("fooled_by", pa.string(), True),
-    # adversarial rows: the gradient-masking checks that fired for this curve (trainables.masking),
-    # comma-separated; "" when none fired; null where the checks did not run (older files)
-    ("masking_flags", pa.string(), True),
-    # robustness rows (clean at ε_test 0, and each attacked ε_test): which test examples were still
-    # classified correctly, so intervals can resample examples as well as seeds and comparisons can
-    # pair on them (orchestrator.intervals). Packed bits in the evaluation's example order (the test
-    # set's first n_examples images): example i is bit i % 8 (least significant first) of byte
-    # i // 8, 1 = correct, ceil(n_examples / 8) bytes, padding bits 0, popcount / n_examples =
-    # robust_acc (trainables.correct_bits). Null on other rows and in files written before it.
-    ("correct", pa.binary(), True),
+    *_EVAL_SPECS[:_AFTER_DEFENCE], _EVAL_HASH, *_EVAL_SPECS[_AFTER_DEFENCE:],
     ("node_id", pa.string(), False),
     ("mlflow_run_id", pa.string(), True),
     ("git_sha", pa.string(), True),
@@ -321,25 +335,23 @@ def validate_rows(rows: list[dict], study: str | None = None, config_hash: str |
                 columns[name].append(None)
                 continue
             columns[name].append(_check_cell(name, field, row[name], where))
-        is_corruption = row.get("corruption") is not None
-        is_ood = not _is_missing(row.get("ood_set"))
-        is_measure = not _is_missing(row.get("measure"))
-        if is_ood and not is_measure:
+        kind = row_kind(row)
+        if kind == OOD and _is_missing(row.get("measure")):
             raise ResultsError(f"{where}: OOD row (ood_set {row['ood_set']!r}) needs 'measure', e.g. auroc")
-        if is_measure:
+        if kind in (OOD, LABEL_FREE):
             if _is_missing(row.get("value")):
                 raise ResultsError(f"{where}: measure row ({row['measure']!r}) needs 'value'")
-            if is_ood and _is_missing(row.get("score")):
+            if kind == OOD and _is_missing(row.get("score")):
                 raise ResultsError(f"{where}: OOD row (ood_set {row['ood_set']!r}) needs 'score'")
         else:
-            if is_corruption and row.get("severity") is None:
+            if kind == CORRUPTION and row.get("severity") is None:
                 raise ResultsError(f"{where}: corruption row needs 'severity'")
-            if not is_corruption and (row.get("norm") is None or row.get("eps_test") is None):
+            if kind != CORRUPTION and (row.get("norm") is None or row.get("eps_test") is None):
                 raise ResultsError(f"{where}: adversarial row needs 'norm' and 'eps_test' (or set 'corruption')")
             if _is_missing(row.get("robust_acc")):
-                kind = "corruption" if is_corruption else "adversarial"
                 raise ResultsError(
-                    f"{where}: {kind} row needs column 'robust_acc' (only measure rows leave it empty)"
+                    f"{where}: {'corruption' if kind == CORRUPTION else 'adversarial'} row needs column "
+                    f"'robust_acc' (only measure rows leave it empty)"
                 )
         if not _is_missing(row.get("correct")):
             _check_correct(row, where)
@@ -360,7 +372,6 @@ def validate_rows(rows: list[dict], study: str | None = None, config_hash: str |
 def _check_correct(row: dict, where: str) -> None:
     """`correct` must decode to n_examples examples whose share correct is the row's robust_acc."""
     from trainables.correct_bits import unpack_correct
-    from trainables.row_kind import ROBUSTNESS, row_kind
 
     if row_kind(row) != ROBUSTNESS:
         raise ResultsError(f"{where}: column 'correct' is only for robustness rows, this is a {row_kind(row)} row")
@@ -641,9 +652,7 @@ def read_grid(storage: str, study: str) -> dict | None:
 
 
 def row_kinds(frame: pd.DataFrame) -> pd.Series:
-    """`trainables.row_kind.row_kind` of every row of a results table (a Series of kind names)."""
-    from trainables.row_kind import row_kind
-
+    """`trainables.records.row_kind` of every row of a results table (a Series of kind names)."""
     if frame.empty:
         return pd.Series([], index=frame.index, dtype=object)
     return pd.Series([row_kind(r) for r in frame.to_dict("records")], index=frame.index, dtype=object)

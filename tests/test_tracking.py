@@ -212,7 +212,7 @@ def test_hung_server_times_out(hung_server, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# metric names and curves (orchestrator.metrics), one row-kind rule (trainables.row_kind)
+# metric names and curves (orchestrator.metrics), one row-kind rule (trainables.records)
 # ------------------------------------------------------------------------------------------
 
 def _record(norm=None, eps=None, acc=None, **extra):
@@ -265,7 +265,7 @@ def test_the_curves_come_first_in_mlflows_chart_view():
 
 
 def test_row_kind_decides_every_kind_once():
-    from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, row_kind
+    from trainables.records import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, row_kind
 
     nan = float("nan")
     assert row_kind(_record("linf", 0.1, 0.5, defence=nan)) == ROBUSTNESS

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.special import stdtrit  # Student t quantiles; scipy.stats costs >1 s to import
 
 from orchestrator import results
-from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS
+from trainables.records import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS
 
 CONFIG_COLUMNS: tuple[str, ...] = (
     "dataset",
@@ -194,7 +194,7 @@ def prepare(df: pd.DataFrame) -> StudyData:
         if d[c].dtype == object or str(d[c].dtype) in ("str", "string"):
             d[c] = d[c].astype(object)
     d["seed"] = d["seed"].astype(int)
-    kinds = results.row_kinds(d)  # trainables.row_kind: the one rule
+    kinds = results.row_kinds(d)  # trainables.records: the one rule
     is_cor, is_ood, is_lf = kinds == CORRUPTION, kinds == OOD, kinds == LABEL_FREE
     # rows behind a test-time defence (trainables.defence) have their own figure (report.defence)
     adv_raw = d[kinds == ROBUSTNESS].copy()
