@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from trainables.records import OOD
 
 from . import results
 from .errors import UserError
@@ -93,9 +94,9 @@ def ood_auroc_table(spec, table) -> str | None:
     set × score; None when the study has no OOD rows."""
     from .report.statistics import mean_ci
 
-    if table.empty or "ood_set" not in table.columns:
+    if table.empty:
         return None
-    rows = table[table["ood_set"].notna() & (table["measure"] == "auroc")].copy()
+    rows = table[(results.row_kinds(table) == OOD) & (table["measure"] == "auroc")].copy()
     if rows.empty:
         return None
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]

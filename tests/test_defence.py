@@ -15,6 +15,8 @@ from trainables.defence import adaptive_objective, defence_task, ssl_reverse
 from trainables.models import build_model
 from trainables.ssl import Contrastive, Inpainting, MultiTask, RotationPrediction, attach_head
 
+from tests.rows import result_row
+
 FASHION = dataset_info("fashion_mnist")
 
 
@@ -56,7 +58,7 @@ def test_adaptive_gradient_is_the_classifier_gradient_at_the_defended_image():
     model, multi = _multi_task_model()
     x = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(3))
     y = torch.tensor([0, 1, 2, 3])
-    objective = adaptive_objective(multi, 0.0, None, 0.05, 4, eot=1, generator=torch.Generator().manual_seed(7))
+    objective = adaptive_objective(multi, 0.0, 0.05, 4, eot=1, generator=torch.Generator().manual_seed(7))
     x_adv = x.clone().requires_grad_(True)
     value = objective(model, x_adv, y)
     (grad,) = torch.autograd.grad(value.sum(), x_adv)
@@ -73,13 +75,15 @@ def test_adaptive_eot_averages_fresh_draws_of_the_defence_and_subtracts_the_ssl_
     model, multi = _multi_task_model()
     x = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(4))
     y = torch.tensor([4, 5, 6, 7])
-    labels = multi.sample(4, torch.Generator().manual_seed(9), "cpu")
-    one = adaptive_objective(multi, 0.0, labels, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    one = adaptive_objective(multi, 0.0, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
     draws = torch.stack([one(model, x, y).detach() for _ in range(2)])
     assert not torch.equal(draws[0], draws[1])  # the contrastive views differ between draws
-    two = adaptive_objective(multi, 0.0, labels, 0.05, 3, eot=2, generator=torch.Generator().manual_seed(8))
+    two = adaptive_objective(multi, 0.0, 0.05, 3, eot=2, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(two(model, x, y).detach(), draws.mean(0))
-    weighted = adaptive_objective(multi, 0.5, labels, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    weighted = adaptive_objective(multi, 0.5, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    views = torch.Generator().manual_seed(8)
+    multi.sample(4, views, "cpu")  # the reversal's views come first, then the SSL term's
+    labels = multi.sample(4, views, "cpu")
     with torch.no_grad():
         expected = draws[0] - 0.5 * multi.loss(model, x, labels)
     torch.testing.assert_close(weighted(model, x, y).detach(), expected)
@@ -103,14 +107,7 @@ def test_defence_config():
 
 
 def _row(h, **kw):
-    import datetime as dt
-
-    base = dict(study="s", trial_id="t", config_hash=h, seed=0, dataset="fashion_mnist", arch="small_cnn",
-                ssl_task="rotation", ssl_weight=0.5, attack_variant="joint", init="scratch", norm_train="linf",
-                eps_train=0.1, train_attack_steps=3, rotations="one", norm="linf", eps_test=0.1, attack="pgd",
-                attack_steps=10, step_size=0.025, restarts=1, n_examples=10, clean_acc=0.8, robust_acc=0.3,
-                node_id="n", finished_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), config_json="{}")
-    return {**base, **kw}
+    return result_row(**{"study": "s", "config_hash": h, "n_examples": 10, "clean_acc": 0.8, "robust_acc": 0.3, **kw})
 
 
 def test_defended_rows_share_the_table_and_stay_out_of_the_summary(tmp_path):

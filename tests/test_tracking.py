@@ -12,6 +12,7 @@ import pytest
 from orchestrator import tracking as tr
 from orchestrator.errors import UserError
 from orchestrator.tracking import TrackingError
+from tests.rows import record
 
 mlflow_client = pytest.importorskip("mlflow.tracking")
 
@@ -216,10 +217,9 @@ def test_hung_server_times_out(hung_server, monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 def _record(norm=None, eps=None, acc=None, **extra):
-    base = dict(norm=norm, eps_test=eps, attack="pgd" if eps else "none", attack_steps=1, step_size=0.01, restarts=1,
-                n_examples=1000, clean_acc=0.9, robust_acc=acc, corruption=None, severity=None, ood_set=None,
-                score=None, measure=None, value=None)
-    return {**base, **extra}
+    """A record (tests/rows.py) at (norm, ε) with robust accuracy `acc`, clean 0.9 over 1000 examples."""
+    return record(**{"norm": norm, "eps_test": eps, "robust_acc": acc, "attack": "pgd" if eps else "none",
+                     "clean_acc": 0.9, "n_examples": 1000, **extra})
 
 
 def test_distinct_eps_never_share_a_metric_and_curves_step_on_the_eps_scale():
