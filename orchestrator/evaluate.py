@@ -197,7 +197,7 @@ def evaluate_kept_model(study: str, storage: str, chash: str, config: dict, data
 
 
 def _rows(study: str, chash: str, config: dict, records: list, own, eval_hash: str) -> list[dict]:
-    from .results import CONFIG_COLUMNS
+    from .result_schema import CONFIG_COLUMNS
     from .tracking import provenance_tags
 
     first = own.iloc[0] if len(own) else None

@@ -6,6 +6,7 @@ import sys
 from trainables.records import OOD
 
 from . import results
+from .result_schema import row_kinds
 from .errors import UserError
 from .interval_tables import difference_intervals, factor_groups, robustness_intervals, wide_table, with_factors
 from .intervals import interval_legend
@@ -96,7 +97,7 @@ def ood_auroc_table(spec, table) -> str | None:
 
     if table.empty:
         return None
-    rows = table[(results.row_kinds(table) == OOD) & (table["measure"] == "auroc")].copy()
+    rows = table[(row_kinds(table) == OOD) & (table["measure"] == "auroc")].copy()
     if rows.empty:
         return None
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]

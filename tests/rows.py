@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from orchestrator.results import CONFIG_COLUMNS
+from orchestrator.result_schema import CONFIG_COLUMNS
 from trainables.records import CORRUPTION, DEFENDED, EVAL_COLUMNS, LABEL_FREE, OOD, ROBUSTNESS, EvalRecord
 
 FINISHED = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

@@ -285,3 +285,16 @@ def test_the_earlier_hive_layout_still_loads_and_migrates(tmp_path):
     assert sorted(p.name for p in (tmp_path / "results" / "2024").iterdir()) == ["aa.parquet", "bb.parquet"]
     _check_reader_table(pd.read_parquet(f"{tmp_path}/results"))
     assert results.migrate(str(tmp_path)) == []
+
+
+def test_evaluation_columns_are_the_record_fields_and_every_kind_validates():
+    from orchestrator.result_schema import EVAL_COLUMN_TYPES, row_kinds
+    from trainables.records import EVAL_COLUMNS, KINDS
+
+    assert tuple(EVAL_COLUMN_TYPES) == EVAL_COLUMNS
+    assert [c for c in results.COLUMNS if c in EVAL_COLUMNS] == list(EVAL_COLUMNS)
+    rows = [result_row(eps_test=0.0, attack="none", robust_acc=0.8), result_row(corruption="fog", severity=2),
+            result_row(ood_set="blobs"), result_row(measure="certified_acc", radius=0.5),
+            result_row(defence="ssl_reverse", attack="pgd_adaptive")]
+    table = results.validate_rows(rows, "s", "h0")
+    assert list(row_kinds(table.to_pandas())) == list(KINDS)

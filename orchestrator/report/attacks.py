@@ -8,7 +8,7 @@ import math
 
 import pandas as pd
 
-from orchestrator import results
+from orchestrator.result_schema import row_kinds
 from trainables.records import ROBUSTNESS
 
 from .section import Inputs, Section
@@ -24,7 +24,7 @@ ATTACK_NAMES = {
 
 def _adversarial(df: pd.DataFrame) -> pd.DataFrame:
     """The undefended robustness rows (trainables.records.row_kind) with a norm."""
-    return df[(results.row_kinds(df) == ROBUSTNESS) & df["norm"].notna()]
+    return df[(row_kinds(df) == ROBUSTNESS) & df["norm"].notna()]
 
 
 def _steps(df: pd.DataFrame, attack: str) -> str:
