@@ -1,6 +1,6 @@
 """What a trial's results are called in MLflow: per-ε scalar metrics, robustness curves as metric
 histories over ε, and the summary numbers a search optimises. Pure functions over result records
-(`trainables.evaluate.RECORD_KEYS`), shared by the live tracking callback and `--backfill-tracking`,
+(`trainables.records.EvalRecord`s, or rows read back from Parquet), shared by the live tracking callback and `--backfill-tracking`,
 so both log exactly the same metrics.
 
 Curves: ``acc_vs_eps/robust_acc_<norm>`` (and ``acc_vs_eps/defended_acc_<defence>_<attack>_<norm>``,

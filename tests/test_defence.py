@@ -44,6 +44,51 @@ def test_reversal_stays_in_the_ball_and_in_0_1_and_lowers_the_ssl_loss():
     assert torch.equal(same, x)
 
 
+def test_reversal_is_signed_gradient_descent_on_the_ssl_loss_from_zero():
+    """`ssl_reverse` (pgd on −SSL, no random start) takes the steps of the plain descent loop:
+    δ ← clip_ε(δ − step·sign ∇SSL), x + δ kept in [0, 1]."""
+    model, multi = _multi_task_model()
+    x = torch.rand((5, 1, 28, 28), generator=torch.Generator().manual_seed(2))
+    eps, step = 0.05, 0.0125
+    labels = multi.sample(5, torch.Generator().manual_seed(3), "cpu")
+    delta = torch.zeros_like(x)
+    for _ in range(4):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(multi.loss(model, x + delta, labels).sum(), delta)
+        delta = (delta.detach() - step * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0.0, 1.0) - x
+    out = ssl_reverse(model, x, multi, eps, steps=4, step_size=step, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, x + delta, rtol=0, atol=1e-7)
+
+
+def test_defended_rows_are_curves_of_the_defended_classifier():
+    """Per norm: the defended clean row, then per ε the plain and the adaptive attack; each attack's
+    accuracy never rises with ε (ascending ε, as on every curve), and the plain rows are
+    `robust_accuracy_curve` of the defended classifier."""
+    from trainables.defence import defended_classifier, defended_records
+    from trainables.evaluate import robust_accuracy_curve
+
+    model, _ = _multi_task_model()
+    x = torch.rand((24, 1, 28, 28), generator=torch.Generator().manual_seed(5))
+    y = model(x).argmax(1).detach()  # every example starts correct
+    config = resolve(dict(ssl_task="none", ssl_weight=0.0, attack_variant="ce", ssl_tasks={"rotation": 1.0},
+                          defence="ssl_reverse", defence_steps=2, eval_eps_linf=[0.1, 0.0, 0.05],
+                          eval_attack_steps=2, eval_batch_size=10))
+    rows = defended_records(model, x, y, config)
+    assert [(r.eps_test, r.attack) for r in rows] == [
+        (0.0, "none"), (0.05, "pgd"), (0.05, "pgd_adaptive"), (0.1, "pgd"), (0.1, "pgd_adaptive")]
+    assert all(r.kind == "defended" and r.correct is None and r.defence == "ssl_reverse" for r in rows)
+    for attack in ("pgd", "pgd_adaptive"):
+        curve = [rows[0].robust_acc] + [r.robust_acc for r in rows if r.attack == attack]
+        assert curve == sorted(curve, reverse=True), (attack, curve)
+    task = defence_task(config, model)
+    classify = defended_classifier(model, task, 0.1, 2, 10, config["seed"])
+    plain = robust_accuracy_curve(model, x, y, "linf", [0.0, 0.05, 0.1], steps=2, batch_size=10, classify=classify)
+    assert [r.robust_acc for r in plain] == [r.robust_acc for r in rows if r.attack in ("none", "pgd")]
+    with pytest.raises(ValueError, match="classify and objective need attack 'pgd'"):
+        robust_accuracy_curve(model, x, y, "linf", [0.1], attack="apgd", classify=classify)
+
+
 def _multi_task_model():
     torch.manual_seed(0)
     multi = MultiTask([RotationPrediction("all"), Contrastive(), Inpainting()], [1.0, 0.1, 1.0])
