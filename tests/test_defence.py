@@ -69,11 +69,11 @@ def test_defended_rows_are_curves_of_the_defended_classifier():
     from trainables.evaluate import robust_accuracy_curve
 
     model, _ = _multi_task_model()
-    x = torch.rand((24, 1, 28, 28), generator=torch.Generator().manual_seed(5))
+    x = torch.rand((12, 1, 28, 28), generator=torch.Generator().manual_seed(5))
     y = model(x).argmax(1).detach()  # every example starts correct
     config = resolve(dict(ssl_task="none", ssl_weight=0.0, attack_variant="ce", ssl_tasks={"rotation": 1.0},
                           defence="ssl_reverse", defence_steps=2, eval_eps_linf=[0.1, 0.0, 0.05],
-                          eval_attack_steps=2, eval_batch_size=10))
+                          eval_attack_steps=2, eval_batch_size=5))
     rows = defended_records(model, x, y, config)
     assert [(r.eps_test, r.attack) for r in rows] == [
         (0.0, "none"), (0.05, "pgd"), (0.05, "pgd_adaptive"), (0.1, "pgd"), (0.1, "pgd_adaptive")]
@@ -82,8 +82,8 @@ def test_defended_rows_are_curves_of_the_defended_classifier():
         curve = [rows[0].robust_acc] + [r.robust_acc for r in rows if r.attack == attack]
         assert curve == sorted(curve, reverse=True), (attack, curve)
     task = defence_task(config, model)
-    classify = defended_classifier(model, task, 0.1, 2, 10, config["seed"])
-    plain = robust_accuracy_curve(model, x, y, "linf", [0.0, 0.05, 0.1], steps=2, batch_size=10, classify=classify)
+    classify = defended_classifier(model, task, 0.1, 2, 5, config["seed"])
+    plain = robust_accuracy_curve(model, x, y, "linf", [0.0, 0.05, 0.1], steps=2, batch_size=5, classify=classify)
     assert [r.robust_acc for r in plain] == [r.robust_acc for r in rows if r.attack in ("none", "pgd")]
     with pytest.raises(ValueError, match="classify and objective need attack 'pgd'"):
         robust_accuracy_curve(model, x, y, "linf", [0.1], attack="apgd", classify=classify)
