@@ -182,10 +182,10 @@ def run_evaluation(spec, storage: str, tracking_uri: str | None, sets: list[str]
 
 
 def evaluate_kept_model(study: str, storage: str, chash: str, config: dict, data_dir: str | None,
-                        device: str = "auto") -> list[dict]:
-    """The records `trainables.evaluate.evaluate_model` gives for the kept model `chash` evaluated
+                        device: str = "auto") -> list:
+    """The records (trainables.records.EvalRecord) `trainables.evaluate_model.evaluate_model` gives for the kept model `chash` evaluated
     with `config`, on the test images its trial used (same subset and seed)."""
-    from trainables.evaluate import evaluate_model
+    from trainables.evaluate_model import evaluate_model
     from trainables.train import DATA_SELECTION_SEED, load_split
 
     from .models_store import load_model
@@ -196,8 +196,8 @@ def evaluate_kept_model(study: str, storage: str, chash: str, config: dict, data
     return evaluate_model(model, data.images.float() / 255, data.labels, config, data_dir=data_dir)
 
 
-def _rows(study: str, chash: str, config: dict, records: list[dict], own, eval_hash: str) -> list[dict]:
-    from .results import CONFIG_COLUMNS
+def _rows(study: str, chash: str, config: dict, records: list, own, eval_hash: str) -> list[dict]:
+    from .result_schema import CONFIG_COLUMNS
     from .tracking import provenance_tags
 
     first = own.iloc[0] if len(own) else None
@@ -211,7 +211,7 @@ def _rows(study: str, chash: str, config: dict, records: list[dict], own, eval_h
         "finished_at": dt.datetime.now(dt.timezone.utc), "config_json": json.dumps(config, sort_keys=True),
         "eval_hash": eval_hash,
     }
-    return [{**shared, **record} for record in records]
+    return [{**shared, **record.to_row()} for record in records]
 
 
 def _log_to_mlflow(uri: str, study: str, eval_hash: str, overrides: dict,

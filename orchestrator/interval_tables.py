@@ -7,15 +7,15 @@ import json
 
 import pandas as pd
 
-from . import results
+from .result_schema import row_kinds
 from .intervals import BOOTSTRAP_SOURCES, Interval, accuracy_interval, difference_interval, interval_legend, mixed, table_cell
 
 
 def training_norm_robustness(table):
-    """The robustness rows (trainables.row_kind, undefended) of each trial's training norm, a copy."""
-    from trainables.row_kind import ROBUSTNESS
+    """The robustness rows (trainables.records, undefended) of each trial's training norm, a copy."""
+    from trainables.records import ROBUSTNESS
 
-    return table[(results.row_kinds(table) == ROBUSTNESS) & (table["norm"] == table["norm_train"])].copy()
+    return table[(row_kinds(table) == ROBUSTNESS) & (table["norm"] == table["norm_train"])].copy()
 
 
 def with_factors(rows, names: list[str]):

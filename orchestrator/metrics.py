@@ -1,6 +1,6 @@
 """What a trial's results are called in MLflow: per-ε scalar metrics, robustness curves as metric
 histories over ε, and the summary numbers a search optimises. Pure functions over result records
-(`trainables.evaluate.RECORD_KEYS`), shared by the live tracking callback and `--backfill-tracking`,
+(`trainables.records.EvalRecord`s, or rows read back from Parquet), shared by the live tracking callback and `--backfill-tracking`,
 so both log exactly the same metrics.
 
 Curves: ``acc_vs_eps/robust_acc_<norm>`` (and ``acc_vs_eps/defended_acc_<defence>_<attack>_<norm>``,
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, present, row_kind
+from trainables.records import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, present, row_kind
 
 EPS_STEP_SCALE = 10_000  # step of ε on a curve: round(ε · 10^4)
 MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param names

@@ -67,10 +67,7 @@ def search_setup(spec: StudySpec, context, storage: str, max_concurrent: int | N
         point = {k: config[k] for k in spec.search.space}
         if config_hash(trial_config(point, context)) != chash:
             continue  # a result of different fixed settings: not a sample of this search
-        records = rows.to_dict("records")
-        for r in records:
-            r["corruption"] = None if r["corruption"] is None or r["corruption"] != r["corruption"] else r["corruption"]
-        summary = summary_metrics(config, records)
+        summary = summary_metrics(config, rows.to_dict("records"))
         reward = [summary[o] for o in spec.search.objectives]
         if not all(math.isfinite(r) for r in reward):
             continue  # an objective it does not define (e.g. no ε_test >= ε_train): nothing to learn

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import sys
 
+from trainables.records import OOD
 
 from . import results
+from .result_schema import row_kinds
 from .errors import UserError
 from .interval_tables import difference_intervals, factor_groups, robustness_intervals, wide_table, with_factors
 from .intervals import interval_legend
@@ -93,9 +95,9 @@ def ood_auroc_table(spec, table) -> str | None:
     set × score; None when the study has no OOD rows."""
     from .report.statistics import mean_ci
 
-    if table.empty or "ood_set" not in table.columns:
+    if table.empty:
         return None
-    rows = table[table["ood_set"].notna() & (table["measure"] == "auroc")].copy()
+    rows = table[(row_kinds(table) == OOD) & (table["measure"] == "auroc")].copy()
     if rows.empty:
         return None
     factor_names = [f for f in spec.factors if f != "seed"] or ["ssl_weight"]

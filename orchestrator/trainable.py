@@ -62,14 +62,16 @@ def trial_config(params: dict, context: StudyContext) -> dict:
     return resolve({**context.fixed, **params.get("cell", {}), **sampled})
 
 
-def trial_rows(context: StudyContext, config: dict, chash: str, trial_id: str, records: list[dict],
+def trial_rows(context: StudyContext, config: dict, chash: str, trial_id: str, records: list,
                node_id: str, mlflow_run_id: str | None, selected_epoch: int | None = None) -> list[dict]:
+    """The Parquet rows of a trial's records (trainables.records.EvalRecord): each record's
+    columns plus the trial's config columns and provenance."""
     finished_at = dt.datetime.now(dt.timezone.utc)
     config_json = json.dumps(config, sort_keys=True)
     shared = {c: config[c] for c in CONFIG_COLUMNS}
     return [
         {
-            **shared, **record, "study": context.study, "trial_id": trial_id, "config_hash": chash,
+            **shared, **record.to_row(), "study": context.study, "trial_id": trial_id, "config_hash": chash,
             "node_id": node_id, "mlflow_run_id": mlflow_run_id, "git_sha": context.git_sha,
             "finished_at": finished_at, "config_json": config_json, "selected_epoch": selected_epoch,
         }

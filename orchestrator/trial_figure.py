@@ -2,7 +2,7 @@
 Drawn in the driver (the tracking callback), never in a trial."""
 from __future__ import annotations
 
-from trainables.row_kind import DEFENDED, ROBUSTNESS, row_kind
+from trainables.records import DEFENDED, ROBUSTNESS, row_kind
 
 
 def curves(records: list[dict]) -> dict[str, list[tuple[float, float]]]:

@@ -113,7 +113,7 @@ def gpu_idle_fraction(trainer) -> float:
 
 def check_training_and_evaluation(args, data_dir: Path) -> None:
     from trainables.data import ImageTensors
-    from trainables.evaluate import evaluate_model
+    from trainables.evaluate_model import evaluate_model
     from trainables.train import Trainer
 
     config = paper_config(args.steps)

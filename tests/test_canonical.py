@@ -2,13 +2,14 @@
 grid runs it once and the report and end-of-run table show it under every name."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 from orchestrator import results
 from orchestrator.spec import config_hash, load_study
 from orchestrator.summary import grid_aliases, robustness_table
 from trainables.config import canonical
+
+from tests.rows import result_row
 
 
 def test_moot_settings_hash_alike_and_others_do_not():
@@ -28,15 +29,8 @@ def test_moot_settings_hash_alike_and_others_do_not():
 
 
 def _rows(chash, config, robust, study="g"):
-    now = dt.datetime.now(dt.timezone.utc)
-    return [dict(study=study, trial_id="t", config_hash=chash, seed=config["seed"], dataset=config["dataset"],
-                 arch=config["arch"], ssl_task=config["ssl_task"], ssl_weight=config["ssl_weight"],
-                 attack_variant=config["attack_variant"], init=config["init"], norm_train=config["norm_train"],
-                 eps_train=config["eps_train"], train_attack_steps=config["train_attack_steps"],
-                 rotations=config["rotations"], norm="linf", eps_test=eps, attack="pgd", attack_steps=3,
-                 step_size=0.1, restarts=1, n_examples=100, clean_acc=0.8, robust_acc=acc, node_id="n",
-                 finished_at=now, config_json=json.dumps(config, sort_keys=True))
-            for eps, acc in ((0.0, 0.8), (0.1, robust))]
+    return [result_row(config, study=study, config_hash=chash, eps_test=eps, attack="pgd", attack_steps=3,
+                       step_size=0.1, robust_acc=acc) for eps, acc in ((0.0, 0.8), (0.1, robust))]
 
 
 def test_the_grid_runs_an_experiment_once_and_shows_it_under_every_name(tmp_path, monkeypatch):

@@ -15,6 +15,8 @@ from trainables.defence import adaptive_objective, defence_task, ssl_reverse
 from trainables.models import build_model
 from trainables.ssl import Contrastive, Inpainting, MultiTask, RotationPrediction, attach_head
 
+from tests.rows import result_row
+
 FASHION = dataset_info("fashion_mnist")
 
 
@@ -42,6 +44,51 @@ def test_reversal_stays_in_the_ball_and_in_0_1_and_lowers_the_ssl_loss():
     assert torch.equal(same, x)
 
 
+def test_reversal_is_signed_gradient_descent_on_the_ssl_loss_from_zero():
+    """`ssl_reverse` (pgd on −SSL, no random start) takes the steps of the plain descent loop:
+    δ ← clip_ε(δ − step·sign ∇SSL), x + δ kept in [0, 1]."""
+    model, multi = _multi_task_model()
+    x = torch.rand((5, 1, 28, 28), generator=torch.Generator().manual_seed(2))
+    eps, step = 0.05, 0.0125
+    labels = multi.sample(5, torch.Generator().manual_seed(3), "cpu")
+    delta = torch.zeros_like(x)
+    for _ in range(4):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(multi.loss(model, x + delta, labels).sum(), delta)
+        delta = (delta.detach() - step * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0.0, 1.0) - x
+    out = ssl_reverse(model, x, multi, eps, steps=4, step_size=step, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, x + delta, rtol=0, atol=1e-7)
+
+
+def test_defended_rows_are_curves_of_the_defended_classifier():
+    """Per norm: the defended clean row, then per ε the plain and the adaptive attack; each attack's
+    accuracy never rises with ε (ascending ε, as on every curve), and the plain rows are
+    `robust_accuracy_curve` of the defended classifier."""
+    from trainables.defence import defended_classifier, defended_records
+    from trainables.evaluate import robust_accuracy_curve
+
+    model, _ = _multi_task_model()
+    x = torch.rand((12, 1, 28, 28), generator=torch.Generator().manual_seed(5))
+    y = model(x).argmax(1).detach()  # every example starts correct
+    config = resolve(dict(ssl_task="none", ssl_weight=0.0, attack_variant="ce", ssl_tasks={"rotation": 1.0},
+                          defence="ssl_reverse", defence_steps=2, eval_eps_linf=[0.1, 0.0, 0.05],
+                          eval_attack_steps=2, eval_batch_size=5))
+    rows = defended_records(model, x, y, config)
+    assert [(r.eps_test, r.attack) for r in rows] == [
+        (0.0, "none"), (0.05, "pgd"), (0.05, "pgd_adaptive"), (0.1, "pgd"), (0.1, "pgd_adaptive")]
+    assert all(r.kind == "defended" and r.correct is None and r.defence == "ssl_reverse" for r in rows)
+    for attack in ("pgd", "pgd_adaptive"):
+        curve = [rows[0].robust_acc] + [r.robust_acc for r in rows if r.attack == attack]
+        assert curve == sorted(curve, reverse=True), (attack, curve)
+    task = defence_task(config, model)
+    classify = defended_classifier(model, task, 0.1, 2, 5, config["seed"])
+    plain = robust_accuracy_curve(model, x, y, "linf", [0.0, 0.05, 0.1], steps=2, batch_size=5, classify=classify)
+    assert [r.robust_acc for r in plain] == [r.robust_acc for r in rows if r.attack in ("none", "pgd")]
+    with pytest.raises(ValueError, match="classify and objective need attack 'pgd'"):
+        robust_accuracy_curve(model, x, y, "linf", [0.1], attack="apgd", classify=classify)
+
+
 def _multi_task_model():
     torch.manual_seed(0)
     multi = MultiTask([RotationPrediction("all"), Contrastive(), Inpainting()], [1.0, 0.1, 1.0])
@@ -56,7 +103,7 @@ def test_adaptive_gradient_is_the_classifier_gradient_at_the_defended_image():
     model, multi = _multi_task_model()
     x = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(3))
     y = torch.tensor([0, 1, 2, 3])
-    objective = adaptive_objective(multi, 0.0, None, 0.05, 4, eot=1, generator=torch.Generator().manual_seed(7))
+    objective = adaptive_objective(multi, 0.0, 0.05, 4, eot=1, generator=torch.Generator().manual_seed(7))
     x_adv = x.clone().requires_grad_(True)
     value = objective(model, x_adv, y)
     (grad,) = torch.autograd.grad(value.sum(), x_adv)
@@ -73,13 +120,15 @@ def test_adaptive_eot_averages_fresh_draws_of_the_defence_and_subtracts_the_ssl_
     model, multi = _multi_task_model()
     x = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(4))
     y = torch.tensor([4, 5, 6, 7])
-    labels = multi.sample(4, torch.Generator().manual_seed(9), "cpu")
-    one = adaptive_objective(multi, 0.0, labels, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    one = adaptive_objective(multi, 0.0, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
     draws = torch.stack([one(model, x, y).detach() for _ in range(2)])
     assert not torch.equal(draws[0], draws[1])  # the contrastive views differ between draws
-    two = adaptive_objective(multi, 0.0, labels, 0.05, 3, eot=2, generator=torch.Generator().manual_seed(8))
+    two = adaptive_objective(multi, 0.0, 0.05, 3, eot=2, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(two(model, x, y).detach(), draws.mean(0))
-    weighted = adaptive_objective(multi, 0.5, labels, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    weighted = adaptive_objective(multi, 0.5, 0.05, 3, eot=1, generator=torch.Generator().manual_seed(8))
+    views = torch.Generator().manual_seed(8)
+    multi.sample(4, views, "cpu")  # the reversal's views come first, then the SSL term's
+    labels = multi.sample(4, views, "cpu")
     with torch.no_grad():
         expected = draws[0] - 0.5 * multi.loss(model, x, labels)
     torch.testing.assert_close(weighted(model, x, y).detach(), expected)
@@ -103,14 +152,7 @@ def test_defence_config():
 
 
 def _row(h, **kw):
-    import datetime as dt
-
-    base = dict(study="s", trial_id="t", config_hash=h, seed=0, dataset="fashion_mnist", arch="small_cnn",
-                ssl_task="rotation", ssl_weight=0.5, attack_variant="joint", init="scratch", norm_train="linf",
-                eps_train=0.1, train_attack_steps=3, rotations="one", norm="linf", eps_test=0.1, attack="pgd",
-                attack_steps=10, step_size=0.025, restarts=1, n_examples=10, clean_acc=0.8, robust_acc=0.3,
-                node_id="n", finished_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), config_json="{}")
-    return {**base, **kw}
+    return result_row(**{"study": "s", "config_hash": h, "n_examples": 10, "clean_acc": 0.8, "robust_acc": 0.3, **kw})
 
 
 def test_defended_rows_share_the_table_and_stay_out_of_the_summary(tmp_path):

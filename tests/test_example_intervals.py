@@ -15,6 +15,8 @@ from orchestrator import results
 from orchestrator.spec import load_study
 from trainables.correct_bits import pack_correct, unpack_correct
 
+from tests.rows import result_row
+
 
 def test_bits_round_trip_and_refuse_another_length():
     rng = np.random.default_rng(0)
@@ -142,13 +144,7 @@ def test_files_without_the_column_read_it_empty_and_fall_back_to_seeds(study, tm
 
 
 def test_bits_that_disagree_with_the_row_are_refused():
-    import datetime as dt
-
-    row = dict(study="s", trial_id="t", config_hash="h", seed=0, dataset="fashion_mnist", arch="small_cnn",
-               ssl_task="none", ssl_weight=0.0, attack_variant="ce", init="scratch", norm_train="linf",
-               eps_train=0.1, train_attack_steps=3, rotations="all", norm="linf", eps_test=0.1, attack="pgd",
-               n_examples=9, clean_acc=0.5, robust_acc=2 / 9, node_id="n",
-               finished_at=dt.datetime.now(dt.timezone.utc), config_json="{}")
+    row = result_row(config_hash="h", n_examples=9, clean_acc=0.5, robust_acc=2 / 9)
     good = pack_correct(np.array([1, 0, 0, 0, 0, 0, 0, 0, 1], bool))
     assert results.validate_rows([{**row, "correct": good}]).column("correct")[0].as_py() == good
     with pytest.raises(results.ResultsError, match="2 of 9 examples correct, but robust_acc is 0.5"):

@@ -600,6 +600,7 @@ def test_mlflow_server_dies_mid_study_then_backfill_logs_every_trial_once(ws):
 WRITER = r"""
 import datetime as dt, os, sys
 from orchestrator import results
+from orchestrator.result_schema import COLUMN_SPECS
 
 storage, study, chash, n, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 now = dt.datetime.now(dt.timezone.utc)
@@ -613,7 +614,7 @@ rows = []
 for i in range(n):
     # big, incompressible, distinct text per row: the write takes long enough to be interrupted
     row = {**base, "eps_test": i / 100, "config_json": os.urandom(size // 2).hex()}
-    for name, kind, nullable in results.COLUMN_SPECS:
+    for name, kind, nullable in COLUMN_SPECS:
         if not nullable and name not in row:
             row[name] = filler.get(str(kind), now)
     rows.append(row)

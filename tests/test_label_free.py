@@ -22,6 +22,8 @@ from trainables import label_free as lf
 from trainables import smoothing
 from trainables.config import ConfigError, resolve
 
+from tests.rows import result_row
+
 # ---------------------------------------------------------------------------------------------
 # measures on hand-made representations
 
@@ -245,23 +247,20 @@ FINISHED = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
 
 
 def _rows(h, seed, lam, variant, breakaway=0.2):
-    cfg = {"dataset": "fashion_mnist", "arch": "small_cnn", "ssl_task": "rotation", "ssl_weight": lam,
-           "attack_variant": variant, "init": "scratch", "norm_train": "linf", "eps_train": 0.1,
-           "train_attack_steps": 3, "rotations": "one", "seed": seed, "label_free_eval": True}
-    base = {"study": "s", "trial_id": f"t{h}", "config_hash": h, "node_id": "n", "finished_at": FINISHED,
-            "config_json": json.dumps(cfg, sort_keys=True), "n_examples": 100, "clean_acc": 0.8,
-            **{k: v for k, v in cfg.items() if k != "label_free_eval"}}
-    rows = [dict(base, norm="linf", eps_test=0.0, attack="none", robust_acc=0.8),
-            dict(base, norm="linf", eps_test=0.1, attack="pgd", robust_acc=0.5)]
+    cfg = {"ssl_weight": lam, "attack_variant": variant, "seed": seed, "label_free_eval": True}
+
+    def row(**columns):
+        return result_row(cfg, config_hash=h, trial_id=f"t{h}", finished_at=FINISHED, **columns)
+
+    rows = [row(eps_test=0.0, attack="none", robust_acc=0.8), row(eps_test=0.1, attack="pgd", robust_acc=0.5)]
     for m, v in (("repr_distance_untargeted", 0.4), ("breakaway_risk", breakaway + 0.01 * seed), ("overlap_risk", 0.1)):
-        rows.append(dict(base, attack="repr_pgd", measure=m, value=v))
+        rows.append(row(attack="repr_pgd", measure=m, value=v))
     for r, v in ((0.0, 0.7), (0.5, 0.3), (1.0, 0.1)):
-        rows.append(dict(base, attack="none", measure="certified_acc", radius=r, value=v - 0.1 * lam))
+        rows.append(row(measure="certified_acc", radius=r, value=v - 0.1 * lam))
     for e, v in ((0.05, 0.6), (0.1, 0.9)):
-        rows.append(dict(base, attack="none", measure="center_smoothing_bound", radius=e, value=v + lam))
-        rows.append(dict(base, attack="none", measure="center_smoothing_bound_normalized", radius=e,
-                         value=(v + lam) / 2))
-        rows.append(dict(base, attack="none", measure="center_smoothing_abstain_rate", radius=e, value=e + 0.1 * seed))
+        rows.append(row(measure="center_smoothing_bound", radius=e, value=v + lam))
+        rows.append(row(measure="center_smoothing_bound_normalized", radius=e, value=(v + lam) / 2))
+        rows.append(row(measure="center_smoothing_abstain_rate", radius=e, value=e + 0.1 * seed))
     return rows
 
 

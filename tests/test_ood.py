@@ -21,6 +21,8 @@ from trainables import ood
 from trainables.config import ConfigError, resolve
 from trainables.data import DatasetUnavailable, dataset_info
 
+from tests.rows import result_row
+
 FASHION = dataset_info("fashion_mnist")
 
 
@@ -148,19 +150,17 @@ FINISHED = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
 
 
 def _rows(h="h0", seed=0, lam=0.5, noise=0.0, auroc=0.9, ood_sets=("gaussian", "blobs")):
-    cfg = {"dataset": "fashion_mnist", "arch": "small_cnn", "ssl_task": "rotation", "ssl_weight": lam,
-           "attack_variant": "joint", "init": "scratch", "norm_train": "linf", "eps_train": 0.0,
-           "train_attack_steps": 3, "rotations": "one", "seed": seed, "label_noise": noise,
-           "ood_sets": list(ood_sets)}
-    base = {"study": "s", "trial_id": f"t{h}", "config_hash": h, "node_id": "n", "finished_at": FINISHED,
-            "config_json": json.dumps(cfg, sort_keys=True), "n_examples": 100,
-            "clean_acc": 0.8 - noise / 2 + 0.01 * seed, **cfg}
-    del base["ood_sets"]
-    rows = [dict(base, norm="linf", eps_test=0.0, attack="none", robust_acc=base["clean_acc"])]
+    cfg = {"ssl_weight": lam, "eps_train": 0.0, "seed": seed, "label_noise": noise, "ood_sets": list(ood_sets)}
+    clean = 0.8 - noise / 2 + 0.01 * seed
+
+    def row(**columns):
+        return result_row(cfg, config_hash=h, trial_id=f"t{h}", finished_at=FINISHED, clean_acc=clean, **columns)
+
+    rows = [row(eps_test=0.0, attack="none", robust_acc=clean)]
     for s in ood_sets:
         for score, bonus in (("msp", 0.0), ("rotation", 0.05 * lam)):
             for measure, value in (("auroc", auroc + bonus + 0.01 * seed), ("aupr", 0.8), ("fpr95", 0.3)):
-                rows.append(dict(base, attack="none", ood_set=s, score=score, measure=measure, value=value))
+                rows.append(row(ood_set=s, score=score, measure=measure, value=value))
     return rows
 
 

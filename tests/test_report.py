@@ -23,7 +23,9 @@ from orchestrator.report.robustness import (
     best_variant_table, clean_vs_robust_table, delta_table, lambda_effect_table, plot_clean_vs_robust,
     plot_delta_vs_lambda0, plot_robust_vs_eps, pretrain_vs_scratch_table,
 )
-from orchestrator.report.statistics import CONFIG_COLUMNS, aggregate, diff_ci, mean_ci, prepare
+from orchestrator.report.statistics import aggregate, diff_ci, mean_ci, prepare
+
+from tests.rows import result_row
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = (0.0, 0.05, 0.1, 0.15, 0.2)
@@ -59,20 +61,16 @@ def write_cell(storage, study, seed, lam, variant="joint", init="scratch", eps=E
     text = json.dumps(cfg, sort_keys=True)
     lam = 0.0 if ssl_task == "none" else lam  # no SSL task: no SSL effect, whatever ssl_weight says
     h = hashlib.sha256(text.encode()).hexdigest()[:12]
-    common = {
-        "study": study, "trial_id": f"t_{h}", "config_hash": h, "seed": seed,
-        **{k: cfg[k] for k in CONFIG_COLUMNS},
-        "attack_steps": 10, "restarts": 1, "n_examples": 1000,
-        "clean_acc": 0.95 - 0.01 * lam + noise(h, "clean"), "node_id": "n1", "finished_at": FINISHED,
-        "config_json": text, "git_sha": "abc1234",
-    }
+    common = dict(study=study, trial_id=f"t_{h}", config_hash=h, n_examples=1000, node_id="n1",
+                  clean_acc=0.95 - 0.01 * lam + noise(h, "clean"), finished_at=FINISHED, git_sha="abc1234")
     rows = [
-        dict(common, norm="linf", eps_test=e, attack="pgd", step_size=0.25 * e,
-             robust_acc=base_acc(e) + effect(lam, e, eps_train) + noise(h, e))
+        result_row(cfg, **common, eps_test=e, attack="pgd", step_size=0.25 * e,
+                   robust_acc=base_acc(e) + effect(lam, e, eps_train) + noise(h, e))
         for e in eps
     ]
     rows += [
-        dict(common, attack="none", corruption=c, severity=s, robust_acc=0.8 - 0.05 * s - 0.01 * lam + noise(h, c, s))
+        result_row(cfg, **common, corruption=c, severity=s,
+                   robust_acc=0.8 - 0.05 * s - 0.01 * lam + noise(h, c, s))
         for c in corruptions for s in (1, 3, 5)
     ]
     results.write_trial(storage, study, h, rows)

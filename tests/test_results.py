@@ -14,6 +14,8 @@ from orchestrator import results
 from orchestrator.errors import UserError
 from orchestrator.results import KEY_COLUMNS, SCHEMA, ResultsError
 
+from tests.rows import result_row
+
 FINISHED = dt.datetime(2026, 11, 21, 12, 30, 15, 123456, tzinfo=dt.timezone.utc)
 
 
@@ -27,21 +29,19 @@ def _config(seed=0, ssl_weight=0.5):
 
 def trial_rows(config_hash="h0", seed=0, eps=(0.0, 0.05, 0.1), corruptions=(("contrast", 1), ("contrast", 3)),
                study="s1", **over):
-    cfg = _config(seed)
-    base = {
-        "study": study, "trial_id": f"trial_{config_hash}", "config_hash": config_hash, "seed": seed,
-        **{k: v for k, v in cfg.items() if k != "seed"},
-        "attack": "pgd", "attack_steps": 10, "restarts": 1, "n_examples": 1000, "clean_acc": 0.75,
-        "node_id": "node-a", "mlflow_run_id": "run123", "git_sha": None, "finished_at": FINISHED,
-        "config_json": json.dumps(cfg, sort_keys=True),
-    }
-    base.update(over)
-    rows = [dict(base, norm="linf", eps_test=e, step_size=2.5 * e / 10, robust_acc=0.7 - e) for e in eps]
-    rows += [
-        dict(base, norm=None, eps_test=None, attack="none", attack_steps=None, step_size=None, restarts=None,
-             corruption=c, severity=s, robust_acc=0.6 - 0.05 * s)
-        for c, s in corruptions
-    ]
+    """One trial's rows (tests/rows.py): a PGD curve over `eps` and the corruptions; `over` sets
+    columns of every row (robust_acc excepted: each row has its own)."""
+    over.pop("robust_acc", None)
+    common = dict(study=study, trial_id=f"trial_{config_hash}", config_hash=config_hash, n_examples=1000,
+                  clean_acc=0.75, node_id="node-a", mlflow_run_id="run123", finished_at=FINISHED)
+    config = _config(seed)
+
+    def row(**columns):
+        return result_row(config, **{**common, **columns, **over})
+
+    rows = [row(eps_test=e, step_size=2.5 * e / 10, robust_acc=0.7 - e) for e in eps]
+    rows += [row(corruption=c, severity=s, robust_acc=0.6 - 0.05 * s, attack_steps=None, step_size=None, restarts=None)
+             for c, s in corruptions]  # null attack settings: the schema allows null or 0
     return rows
 
 
@@ -285,3 +285,16 @@ def test_the_earlier_hive_layout_still_loads_and_migrates(tmp_path):
     assert sorted(p.name for p in (tmp_path / "results" / "2024").iterdir()) == ["aa.parquet", "bb.parquet"]
     _check_reader_table(pd.read_parquet(f"{tmp_path}/results"))
     assert results.migrate(str(tmp_path)) == []
+
+
+def test_evaluation_columns_are_the_record_fields_and_every_kind_validates():
+    from orchestrator.result_schema import EVAL_COLUMN_TYPES, row_kinds
+    from trainables.records import EVAL_COLUMNS, KINDS
+
+    assert tuple(EVAL_COLUMN_TYPES) == EVAL_COLUMNS
+    assert [c for c in results.COLUMNS if c in EVAL_COLUMNS] == list(EVAL_COLUMNS)
+    rows = [result_row(eps_test=0.0, attack="none", robust_acc=0.8), result_row(corruption="fog", severity=2),
+            result_row(ood_set="blobs"), result_row(measure="certified_acc", radius=0.5),
+            result_row(defence="ssl_reverse", attack="pgd_adaptive")]
+    table = results.validate_rows(rows, "s", "h0")
+    assert list(row_kinds(table.to_pandas())) == list(KINDS)

@@ -1,7 +1,6 @@
 """The study command end to end: a real local Ray, a real MLflow sqlite store, real Parquet files."""
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import textwrap
@@ -13,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator import results
 from orchestrator.runner import RunOptions, run_study
 from orchestrator.spec import SEARCH_OBJECTIVES, load_study
+
+from tests.rows import result_row
 
 TINY = dict(
     dataset="fashion_mnist", arch="small_cnn", train_subset=192, test_subset=48, epochs=2, batch_size=64,
@@ -271,12 +272,8 @@ def test_search_skips_nan_objectives_in_its_warm_start_and_continues(ray_cluster
     def earlier_result(ssl_weight, eps_values):
         config = resolve({**spec.fixed, "ssl_weight": ssl_weight})
         chash = config_hash(config)
-        base = {"study": "nans", "trial_id": chash, "config_hash": chash, "seed": 0, "attack": "pgd",
-                "n_examples": 48, "clean_acc": 0.5, "node_id": "n", "finished_at": dt.datetime.now(dt.timezone.utc),
-                "config_json": json.dumps(config, sort_keys=True),
-                **{k: config[k] for k in ("dataset", "arch", "ssl_task", "ssl_weight", "attack_variant", "init",
-                                          "norm_train", "eps_train", "train_attack_steps", "rotations")}}
-        rows = [dict(base, norm="linf", eps_test=e, robust_acc=0.5 - e) for e in eps_values]
+        rows = [result_row(config, study="nans", trial_id=chash, config_hash=chash, n_examples=48, clean_acc=0.5,
+                           eps_test=e, robust_acc=0.5 - e) for e in eps_values]
         results.write_trial(options.storage, "nans", chash, rows)
         return chash
 

@@ -12,6 +12,7 @@ import pytest
 from orchestrator import tracking as tr
 from orchestrator.errors import UserError
 from orchestrator.tracking import TrackingError
+from tests.rows import record
 
 mlflow_client = pytest.importorskip("mlflow.tracking")
 
@@ -212,14 +213,13 @@ def test_hung_server_times_out(hung_server, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# metric names and curves (orchestrator.metrics), one row-kind rule (trainables.row_kind)
+# metric names and curves (orchestrator.metrics), one row-kind rule (trainables.records)
 # ------------------------------------------------------------------------------------------
 
 def _record(norm=None, eps=None, acc=None, **extra):
-    base = dict(norm=norm, eps_test=eps, attack="pgd" if eps else "none", attack_steps=1, step_size=0.01, restarts=1,
-                n_examples=1000, clean_acc=0.9, robust_acc=acc, corruption=None, severity=None, ood_set=None,
-                score=None, measure=None, value=None)
-    return {**base, **extra}
+    """A record (tests/rows.py) at (norm, ε) with robust accuracy `acc`, clean 0.9 over 1000 examples."""
+    return record(**{"norm": norm, "eps_test": eps, "robust_acc": acc, "attack": "pgd" if eps else "none",
+                     "clean_acc": 0.9, "n_examples": 1000, **extra})
 
 
 def test_distinct_eps_never_share_a_metric_and_curves_step_on_the_eps_scale():
@@ -265,7 +265,7 @@ def test_the_curves_come_first_in_mlflows_chart_view():
 
 
 def test_row_kind_decides_every_kind_once():
-    from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, row_kind
+    from trainables.records import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS, row_kind
 
     nan = float("nan")
     assert row_kind(_record("linf", 0.1, 0.5, defence=nan)) == ROBUSTNESS

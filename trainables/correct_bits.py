@@ -1,6 +1,6 @@
 """Which test examples a model classified correctly, as the compact bytes a result row stores.
 
-Encoding (the `correct` column of orchestrator/results.py): example i of the evaluation order (the
+Encoding (the `correct` column of orchestrator/result_schema.py): example i of the evaluation order (the
 test set's first N images, `test_subset`, in their order) is bit i % 8 of byte i // 8, least
 significant bit first (`numpy.packbits(mask, bitorder="little")`); 1 = still classified
 correctly. ceil(N / 8) bytes, the unused high bits of the last byte 0; N is the row's

@@ -25,11 +25,15 @@ standard (AutoAttack on a fixed model) protocol does not apply to them: see READ
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
-from .attacks import batchnorm_mode, pgd, random_delta
+from .attacks import pgd
 from .config import default_defence_eps, model_ssl_tasks
+from .evaluate import Classify, robust_accuracy_curve
+from .records import EvalRecord
 from .ssl import MultiTask, build_task
 
 
@@ -53,38 +57,35 @@ def defence_task(config: dict, model=None) -> MultiTask:
 
 def ssl_reverse(model, x: torch.Tensor, tasks_weights, eps: float, steps: int = 10,
                 step_size: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + r with ‖r‖∞ ≤ eps, x + r in [0, 1], r from PGD *descent* on the weighted SSL loss.
+    """x + r with ‖r‖∞ ≤ eps, x + r in [0, 1], r from PGD *descent* on the weighted SSL loss: `pgd`
+    on the negated loss from r = 0 (no random start), `steps` steps of `step_size` (default eps/4).
 
     `tasks_weights`: a MultiTask, or a list of (task, weight) pairs. The tasks' random choices
     (contrastive views) are drawn once from `generator`, so all steps minimise the same loss.
-    Runs the model in eval mode; returns a detached tensor.
+    Runs the model as given (no BatchNorm folding: an attack's objective already hands it the
+    folded copy) in eval mode; returns a detached tensor (N, C, H, W).
     """
     if not isinstance(tasks_weights, MultiTask):
         pairs = list(tasks_weights.items() if isinstance(tasks_weights, dict) else tasks_weights)
         tasks_weights = MultiTask([t for t, _ in pairs], [w for _, w in pairs])
     x = x.detach()
-    if eps == 0 or steps == 0:
+    if eps == 0 or steps == 0:  # before the draw: nothing reversed takes nothing from the generator
         return x.clone()
-    step_size = eps / 4 if step_size is None else step_size
     labels = tasks_weights.sample(len(x), generator, x.device)
-    delta = torch.zeros_like(x)
-    with batchnorm_mode(model, "eval"):
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                loss = tasks_weights.loss(model, x + delta, labels)
-                (grad,) = torch.autograd.grad(loss.sum(), delta)
-            with torch.no_grad():
-                delta = (delta - step_size * grad.sign()).clamp(-eps, eps)
-                delta = (x + delta).clamp(0.0, 1.0) - x
-    return (x + delta).detach()
+
+    def negated_ssl(m, images, _):
+        return -tasks_weights.loss(m, images, labels)
+
+    return pgd(model, x, None, negated_ssl, "linf", eps, eps / 4 if step_size is None else step_size, steps,
+               random_start=False, restarts=1, bn_mode="eval", fold_bn=False)
 
 
-def adaptive_objective(task: MultiTask, weight: float, labels, eps_r: float, steps_r: int,
-                       eot: int = 1, generator: torch.Generator | None = None):
+def adaptive_objective(task: MultiTask, weight: float, eps_r: float, steps_r: int, eot: int = 1,
+                       generator: torch.Generator | None = None):
     """The adaptive attack's per-example objective: the mean over `eot` draws of the defence's
     random views of CE(f(D(x'))), D the full reversal differentiated as the identity (BPDA), minus
-    `weight`·SSL(x') on the fixed SSL `labels`."""
+    `weight`·SSL(x'), its random views drawn from `generator` at each call (deterministic tasks
+    such as rotation draw nothing)."""
 
     def objective(model, x_adv, y):
         ce = 0.0
@@ -95,67 +96,56 @@ def adaptive_objective(task: MultiTask, weight: float, labels, eps_r: float, ste
         ce = ce / eot
         if weight == 0:
             return ce
-        return ce - weight * task.loss(model, x_adv, labels)
+        return ce - weight * task.loss(model, x_adv, task.sample(len(x_adv), generator, x_adv.device))
 
     return objective
 
 
-@torch.no_grad()
-def _classify(model, x: torch.Tensor) -> torch.Tensor:
-    return model(x).argmax(1)
+def defended_classifier(model, task: MultiTask, eps_r: float, steps_r: int, batch_size: int, seed: int) -> Classify:
+    """classify(images, ε) -> (N,) labels of the defended model: reverse each batch of images
+    (`ssl_reverse`), then take the model's argmax. Its random views come from a generator seeded by
+    (seed, ε), so the clean images and each ε_test get fixed draws."""
+
+    @torch.no_grad()
+    def argmax(images: torch.Tensor) -> torch.Tensor:
+        return model(images).argmax(1)
+
+    def classify(images: torch.Tensor, eps: float) -> torch.Tensor:
+        salt = 0 if eps == 0 else int(round(eps * 1e6)) + 1
+        generator = torch.Generator(device=images.device).manual_seed((seed * 7_919 + salt) % (2**63))
+        return torch.cat([
+            argmax(ssl_reverse(model, images[i : i + batch_size], task, eps_r, steps_r, eps_r / 4, generator))
+            for i in range(0, len(images), batch_size)
+        ])
+
+    return classify
 
 
-def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> list[dict]:
-    """Records (evaluate.RECORD_KEYS + defence) of the defended model: ε_test = 0 (defended clean
-    accuracy) and, for every ε_test > 0, the plain ("pgd") and adaptive ("pgd_adaptive") attack."""
-    from .evaluate import curve_record, attack_seed, fraction
-
+def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> list[EvalRecord]:
+    """The defended model's robustness curves, per norm of the evaluation grid: ε_test = 0 (the
+    defended clean accuracy, attack "none"), and for every ε_test > 0 the plain ("pgd") and the
+    adaptive ("pgd_adaptive") attack, each a `robust_accuracy_curve` of the defended classifier
+    (so ε ascends and an example fooled at a smaller ε counts as fooled, as on every curve; exact
+    for the deterministic reversal of rotation and inpainting). Rows carry `defence`, not `correct`
+    (the per-example bits are for undefended robustness rows)."""
     model.eval()
     task = defence_task(config, model)
     eps_r = config["defence_eps"] if config.get("defence_eps") is not None else default_defence_eps(config["dataset"])
-    steps_r = config["defence_steps"]
-    batch_size = config["eval_batch_size"]
-    seed = config["seed"]
-    lam = config["eval_adaptive_weight"]
-
-    def defend_and_classify(images: torch.Tensor, salt: int) -> torch.Tensor:
-        generator = torch.Generator(device=images.device).manual_seed((seed * 7_919 + salt) % (2**63))
-        out = []
-        for i in range(0, len(images), batch_size):
-            defended = ssl_reverse(model, images[i : i + batch_size], task, eps_r, steps_r, eps_r / 4, generator)
-            out.append(_classify(model, defended))
-        return torch.cat(out)
-
-    clean_correct = defend_and_classify(x, 0) == y
-    clean_acc = fraction(clean_correct)
+    steps_r, seed = config["defence_steps"], config["seed"]
+    settings = dict(
+        steps=config["eval_attack_steps"], step_size_factor=config["eval_step_size_factor"],
+        restarts=config["eval_restarts"], batch_size=config["eval_batch_size"], seed=seed,
+        classify=defended_classifier(model, task, eps_r, steps_r, config["eval_batch_size"], seed),
+    )
+    views = torch.Generator(device=x.device).manual_seed((seed * 7_919 + 3) % (2**63))
+    aware = adaptive_objective(task, config["eval_adaptive_weight"], eps_r, steps_r, config["eval_adaptive_eot"], views)
     records = []
     for norm in config["eval_norms"]:
-        for eps in sorted(float(e) for e in config[f"eval_eps_{norm}"]):
-            if eps == 0:
-                records.append(dict(curve_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc),
-                                    defence=config["defence"]))
-                continue
-            steps = config["eval_attack_steps"]
-            step_size = config["eval_step_size_factor"] * eps / steps
-            for attack in ("pgd", "pgd_adaptive"):
-                generator = torch.Generator(device=x.device).manual_seed(attack_seed(seed, norm, eps))
-                starts = random_delta(x.shape, norm, eps, x.device, generator)
-                adversarial = []
-                for i in range(0, len(x), batch_size):
-                    xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-                    if attack == "pgd":
-                        objective = None
-                    else:
-                        objective = adaptive_objective(task, lam, task.sample(len(xb), generator, x.device), eps_r,
-                                                       steps_r, config["eval_adaptive_eot"], generator)
-                    kwargs = {} if objective is None else {"objective": objective}
-                    adversarial.append(pgd(model, xb, yb, norm=norm, eps=eps, step_size=step_size, steps=steps,
-                                           random_start=True, restarts=config["eval_restarts"], bn_mode="eval",
-                                           generator=generator, init=starts[i : i + batch_size], **kwargs))
-                correct = defend_and_classify(torch.cat(adversarial), int(round(eps * 1e6)) + 1) == y
-                records.append(dict(
-                    curve_record(norm, eps, attack, steps, step_size, config["eval_restarts"], len(x), clean_acc,
-                            fraction(correct)),
-                    defence=config["defence"],
-                ))
+        grid = [float(e) for e in config[f"eval_eps_{norm}"]]
+        plain = robust_accuracy_curve(model, x, y, norm, grid, **settings)
+        positive = [e for e in grid if e > 0]
+        adaptive = robust_accuracy_curve(model, x, y, norm, positive, objective=aware, **settings) if positive else []
+        both = plain + [replace(r, attack="pgd_adaptive") for r in adaptive]
+        # stable: per ε the plain attack's row, then the adaptive one's
+        records += [replace(r, defence=config["defence"], correct=None) for r in sorted(both, key=lambda r: r.eps_test)]
     return records

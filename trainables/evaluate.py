@@ -1,34 +1,29 @@
-"""Robustness against ε_test and under natural corruptions, returned as plain records.
+"""The robustness curve (accuracy against ε_test) and the corruption grid, as `EvalRecord`s.
 
-Every record has the same keys (`RECORD_KEYS`), so the orchestrator writes them to Parquet as they
-are: adversarial rows carry norm/eps_test and leave corruption/severity empty, corruption rows the
-other way round. Out-of-distribution rows (`trainables.ood`, when `ood_sets` is non-empty) leave
-all four empty and carry ood_set, score, measure and value instead (robust_acc empty); the other
-rows leave those four empty. Robustness rows (clean at ε 0 and each attacked ε) carry in `correct`
-which test examples were still classified correctly there (trainables.correct_bits); every other
-row leaves it empty. With a test-time defence (`defence` other than "none",
-trainables.defence) the defended rows come last and carry one more key, `defence`; rows without it
-are undefended.
+Adversarial rows carry norm/eps_test and leave corruption/severity empty, corruption rows the other
+way round. Robustness rows (clean at ε 0 and each attacked ε) carry in `correct` which test
+examples were still classified correctly there (trainables.correct_bits). A test-time defence is a
+curve of its own (trainables.defence): the same attack loop with the defended classifier and the
+defence-aware objective passed in. `trainables.evaluate_model` assembles every record of a trial.
 """
 from __future__ import annotations
 
+import json
+from typing import Callable
+
 import torch
 
-import json
-
 from .attack_inputs import check_attack_input
-from .attacks import cross_entropy_objective, pgd, random_delta
+from .attacks import Objective, cross_entropy_objective, pgd, random_delta
 from .autoattack import APGD_ONLY, STANDARD, autoattack
 from .corruptions import corruption_accuracy
 from .correct_bits import pack_correct
 from .device import autocast
+from .records import EvalRecord
 
-RECORD_KEYS = (
-    "norm", "eps_test", "attack", "attack_steps", "step_size", "restarts", "n_examples",
-    "clean_acc", "robust_acc", "corruption", "severity", "ood_set", "score", "measure", "value",
-    "fooled_by", "masking_flags", "correct",
-)
 EVAL_ATTACKS = ("pgd", "apgd", "autoattack")
+# classify(images (N, C, H, W), ε they were attacked within, 0 for clean) -> (N,) predicted labels
+Classify = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def fraction(correct: torch.Tensor) -> float:
@@ -64,7 +59,9 @@ def robust_accuracy_curve(
     target_classes: int = 9,
     square_queries: int = 5000,
     robust_masks: dict | None = None,
-) -> list[dict]:
+    classify: Classify | None = None,
+    objective: Objective = cross_entropy_objective,
+) -> list[EvalRecord]:
     """Clean and robust accuracy at each ε of the grid, in the model's eval mode.
 
     `attack`: "pgd" (`steps` steps of step_size_factor·ε/steps, `restarts`), "apgd" (APGD-CE then
@@ -83,22 +80,36 @@ def robust_accuracy_curve(
     as the ascending order, one level down: a misclassified point inside the ball is proof), which
     makes each attack cheaper and never reports a higher accuracy than the last-iterate PGD.
     `robust_masks`, when a dict, receives {ε: (N,) bool mask of the examples still robust}.
-    Raises ValueError for images outside [0, 1], NaN images or a negative ε.
+
+    The classifier under attack and the attack's loss are parameters (attack "pgd" without
+    stop_on_success only, as the others read the model's own logits): `classify(images, ε)` gives
+    the predicted labels whose accuracy is measured (default: the model's argmax; a test-time
+    defence passes its defended classifier, trainables.defence), and `objective(model, x_adv, y)`
+    the per-example loss PGD maximises (default: the model's cross-entropy; the defence's adaptive
+    attack passes its own).
+    Raises ValueError for images outside [0, 1], NaN images, a negative ε, or a classify/objective
+    with another attack.
     """
     if attack not in EVAL_ATTACKS:
         raise ValueError(f"unknown eval attack {attack!r}; use one of {', '.join(EVAL_ATTACKS)}")
+    custom = classify is not None or objective is not cross_entropy_objective
+    if custom and (attack != "pgd" or stop_on_success):
+        raise ValueError("classify and objective need attack 'pgd' without stop_on_success")
     for eps in eps_grid:
         check_attack_input(x, float(eps), "robust_accuracy_curve")
+    if classify is None:
+        def classify(images: torch.Tensor, eps: float) -> torch.Tensor:
+            return predictions(model, images, batch_size)
     model.eval()
     x, y = x.detach(), y.detach()
-    clean_correct = predictions(model, x, batch_size) == y
+    clean_correct = classify(x, 0.0) == y
     clean_acc = fraction(clean_correct)
     still_correct = clean_correct.clone()
     records = []
     for eps in sorted(float(e) for e in eps_grid):
         if eps == 0:
             records.append(curve_record(norm, 0.0, "none", 0, 0.0, 0, len(x), clean_acc, clean_acc,
-                                   correct=clean_correct))
+                                        correct=clean_correct))
             continue
         step_size = step_size_factor * eps / steps
         generator = torch.Generator(device=x.device).manual_seed(attack_seed(seed, norm, eps))
@@ -119,29 +130,30 @@ def robust_accuracy_curve(
                 correct_now[batch] = fooled_by < 0
                 taken += torch.bincount(fooled_by[fooled_by >= 0].cpu(), minlength=len(members))
             still_correct = correct_now if attack_all else still_correct & correct_now
-            record = curve_record(norm, eps, attack, apgd_steps, 2 * eps, 1, len(x), clean_acc,
-                             fraction(still_correct), correct=still_correct)
-            record["fooled_by"] = json.dumps(dict(zip(members, taken.tolist())))
-            records.append(record)
+            records.append(curve_record(norm, eps, attack, apgd_steps, 2 * eps, 1, len(x), clean_acc,
+                                        fraction(still_correct), correct=still_correct,
+                                        fooled_by=json.dumps(dict(zip(members, taken.tolist())))))
             if robust_masks is not None:
                 robust_masks[eps] = still_correct.clone()
             continue
+        adversarial = []
         for i in range(0, len(index), batch_size):
             batch = index[i : i + batch_size]
             with autocast(x.device):
-                x_adv = pgd(
-                    model, x[batch], y[batch], cross_entropy_objective, norm, eps, step_size, steps,
+                adversarial.append(pgd(
+                    model, x[batch], y[batch], objective, norm, eps, step_size, steps,
                     random_start=random_start, restarts=restarts, bn_mode="eval",
                     generator=generator, init=None if starts is None else starts[batch],
                     stop_on_success=stop_on_success,
-                )
-            correct_now[batch] = predictions(model, x_adv, batch_size) == y[batch]
+                ))
+        if adversarial:  # classified together: a randomised classifier draws once per ε, in one order
+            correct_now[index] = classify(torch.cat(adversarial), eps) == y[index]
         still_correct = correct_now if attack_all else still_correct & correct_now
         if robust_masks is not None:
             robust_masks[eps] = still_correct.clone()
         records.append(
             curve_record(norm, eps, "pgd_any_iterate" if stop_on_success else "pgd", steps, step_size, restarts,
-                    len(x), clean_acc, fraction(still_correct), correct=still_correct)
+                         len(x), clean_acc, fraction(still_correct), correct=still_correct)
         )
     return records
 
@@ -152,97 +164,28 @@ def attack_seed(seed: int, norm: str, eps: float) -> int:
     return (seed * 1_000_003 + (0 if norm == "linf" else 7919) + int(round(eps * 1e6))) % (2**63)
 
 
-def curve_record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_acc, correct=None) -> dict:
-    """One robustness-curve result row (accuracies as fractions in [0, 1] over `n` examples; the
-    columns of other evaluations, corruption to masking_flags, None). `correct`: the (N,) bool mask
-    of the examples counted in robust_acc (packed into the `correct` column), or None."""
-    return dict(
+def curve_record(norm, eps, attack, steps, step_size, restarts, n, clean_acc, robust_acc, correct=None,
+                 fooled_by=None) -> EvalRecord:
+    """One robustness-curve record (accuracies as fractions in [0, 1] over `n` examples).
+    `correct`: the (N,) bool mask of the examples counted in robust_acc (packed into the `correct`
+    column), or None; `fooled_by`: the JSON count of examples each attack took, or None."""
+    return EvalRecord(
         norm=norm, eps_test=float(eps), attack=attack, attack_steps=int(steps),
         step_size=float(step_size), restarts=int(restarts), n_examples=int(n),
-        clean_acc=float(clean_acc), robust_acc=float(robust_acc), corruption=None, severity=None,
-        ood_set=None, score=None, measure=None, value=None, fooled_by=None, masking_flags=None,
+        clean_acc=float(clean_acc), robust_acc=float(robust_acc), fooled_by=fooled_by,
         correct=None if correct is None else pack_correct(correct),
     )
 
 
-def _masking_flags(model, x, y, norm, config, curve, masks) -> list[str]:
-    """The gradient-masking checks (trainables.masking) that fire for this curve, at the grid's ε
-    nearest ε_train (for the training norm) or the grid's median positive ε."""
-    from .masking import fired, masking_checks
-
-    positive = sorted(e for e in masks if e > 0)
-    if not positive:
-        return []
-    if norm == config["norm_train"] and config["eps_train"] > 0:
-        eps = min(positive, key=lambda e: abs(e - config["eps_train"]))
-    else:
-        eps = positive[len(positive) // 2]
-    square_ran = config["eval_attack"] == "autoattack"
-    result = masking_checks(model, x, y, norm, eps, None if square_ran else masks[eps],
-                            pgd_steps=config["eval_attack_steps"], seed=config["seed"])
-    names = fired(result)
-    if square_ran:
-        taken = sum(json.loads(r["fooled_by"]).get("square", 0) for r in curve if r.get("fooled_by"))
-        if taken > 0.01 * len(x):
-            names.append("square_beats_gradient")
-    return names
-
-
-def corruption_records(model, x, y, names, severities, batch_size=500, seed=0, clean_acc=None) -> list[dict]:
+def corruption_records(model, x, y, names, severities, batch_size=500, seed=0, clean_acc=None) -> list[EvalRecord]:
+    """One record per (corruption, severity): accuracy under it in robust_acc (no attack)."""
     if not names:
         return []
     if clean_acc is None:
         clean_acc = fraction(predictions(model, x, batch_size) == y)
-    records = []
-    for row in corruption_accuracy(model, x, y, names, severities, batch_size=batch_size, seed=seed):
-        records.append(dict(
-            norm=None, eps_test=None, attack="none", attack_steps=0, step_size=0.0, restarts=0,
-            n_examples=int(row["n_examples"]), clean_acc=float(clean_acc),
-            robust_acc=float(row["accuracy"]), corruption=row["corruption"], severity=int(row["severity"]),
-            ood_set=None, score=None, measure=None, value=None,
-        ))
-    return records
-
-
-def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict, data_dir=None) -> list[dict]:
-    """Every record a trial reports: a robustness curve per norm, then the corruption grid, then
-    the OOD-detection measures (`data_dir`: where a held-out OOD dataset such as mnist is read)."""
-    records = []
-    for norm in config["eval_norms"]:
-        masks: dict = {}
-        curve = robust_accuracy_curve(
-            model, x, y, norm, config[f"eval_eps_{norm}"],
-            steps=config["eval_attack_steps"], step_size_factor=config["eval_step_size_factor"],
-            restarts=config["eval_restarts"], batch_size=config["eval_batch_size"], seed=config["seed"],
-            stop_on_success=config["eval_stop_on_success"], attack=config["eval_attack"],
-            apgd_steps=config["eval_apgd_steps"], target_classes=config["eval_target_classes"],
-            square_queries=config["eval_square_queries"], robust_masks=masks,
-        )
-        flags = _masking_flags(model, x, y, norm, config, curve, masks)
-        for record in curve:
-            record["masking_flags"] = ",".join(flags)
-        records += curve
-    clean_acc = records[0]["clean_acc"] if records else None
-    records += corruption_records(
-        model, x, y, config["corruptions"], config["corruption_severities"],
-        batch_size=config["eval_batch_size"], seed=config["seed"], clean_acc=clean_acc,
-    )
-    if config.get("ood_sets"):
-        from .ood import ood_records
-
-        if clean_acc is None:
-            clean_acc = fraction(predictions(model, x, config["eval_batch_size"]) == y)
-        records += ood_records(model, x, config, data_dir=data_dir, clean_acc=clean_acc)
-    if config.get("label_free_eval"):
-        # label-free measure rows (trainables.label_free): measure/value, plus `radius` for the
-        # certified accuracy of randomized smoothing; norm, eps_test, ood_set and robust_acc empty
-        from .label_free import label_free_records
-
-        if clean_acc is None:
-            clean_acc = fraction(predictions(model, x, config["eval_batch_size"]) == y)
-        records += label_free_records(model, x, y, config, clean_acc=clean_acc)
-    if config.get("defence", "none") != "none":
-        from .defence import defended_records
-
-        records += defended_records(model, x, y, config)
-    return records
+    return [
+        EvalRecord(attack="none", attack_steps=0, step_size=0.0, restarts=0, n_examples=int(row["n_examples"]),
+                   clean_acc=float(clean_acc), robust_acc=float(row["accuracy"]), corruption=row["corruption"],
+                   severity=int(row["severity"]))
+        for row in corruption_accuracy(model, x, y, names, severities, batch_size=batch_size, seed=seed)
+    ]

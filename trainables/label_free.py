@@ -35,6 +35,7 @@ import torch
 
 from .attacks import pgd
 from .config import MNIST_FAMILY
+from .records import EvalRecord
 
 MEASURES = ("repr_distance_untargeted", "repr_distance_targeted", "breakaway_risk", "overlap_risk")
 CENTER_SMOOTHING_MEASURES = ("center_smoothing_bound", "center_smoothing_bound_normalized",
@@ -150,18 +151,17 @@ def _features(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         return torch.cat([model.features(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
 
-def _record(measure, value, n, clean_acc, attack="none", steps=0, step_size=0.0, radius=None) -> dict:
-    return dict(
-        norm=None, eps_test=None, attack=attack, attack_steps=int(steps), step_size=float(step_size),
+def _record(measure, value, n, clean_acc, attack="none", steps=0, step_size=0.0, radius=None) -> EvalRecord:
+    return EvalRecord(
+        attack=attack, attack_steps=int(steps), step_size=float(step_size),
         restarts=1 if attack != "none" else 0, n_examples=int(n),
-        clean_acc=float("nan") if clean_acc is None else float(clean_acc), robust_acc=None,
-        corruption=None, severity=None, ood_set=None, score=None, measure=measure, value=float(value),
-        radius=None if radius is None else float(radius),
+        clean_acc=float("nan") if clean_acc is None else float(clean_acc),
+        measure=measure, value=float(value), radius=None if radius is None else float(radius),
     )
 
 
 def label_free_records(model, x: torch.Tensor, y: torch.Tensor, config: dict,
-                       clean_acc: float | None = None) -> list[dict]:
+                       clean_acc: float | None = None) -> list[EvalRecord]:
     """The label-free measures of a trained model as result records (measure rows: `measure`,
     `value`, and `radius`: the l2 radius of certified accuracy, the l2 input radius ε of the center
     smoothing rows; norm, eps_test and robust_acc empty). Empty unless config["label_free_eval"]."""
@@ -216,7 +216,7 @@ def label_free_records(model, x: torch.Tensor, y: torch.Tensor, config: dict,
 
 
 def center_smoothing_records(model, x: torch.Tensor, config: dict, scale: float, clean_acc: float | None,
-                             batch_size: int, seed: int) -> list[dict]:
+                             batch_size: int, seed: int) -> list[EvalRecord]:
     """Center smoothing of f = model.features (trainables.center_smoothing) on the first
     center_smoothing_examples images of x, per l2 input radius ε (in `radius`): the mean certified
     bound over the images certified at ε ("center_smoothing_bound", l2 in representation space, and

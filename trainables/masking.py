@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .apgd import apgd
 from .attacks import cross_entropy_objective, pgd
+from .records import ROBUSTNESS, row_kind
 from .square import square
 
 CHECKS = ("zero_gradient", "randomised_output", "probability_output", "large_eps_not_zero",
@@ -109,6 +110,6 @@ def masking_tags(records: list[dict]) -> dict[str, str]:
     (their `masking_flags`), only for norms where a check fired: the tags of the trial's run."""
     tags: dict[str, str] = {}
     for r in records:
-        if r.get("masking_flags") and r.get("norm") and not r.get("defence"):
+        if r.get("masking_flags") and r.get("norm") and row_kind(r) == ROBUSTNESS:
             tags[f"gradient_masking/{r['norm']}"] = r["masking_flags"]
     return tags

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from .config import OOD_SCORES, OOD_SETS
 from .data import DatasetInfo, DatasetUnavailable, dataset_info, default_data_dir, load_split, to_float
 from .device import autocast
+from .records import EvalRecord
 from .ssl import rotate
 
 SCORES = OOD_SCORES
@@ -255,10 +256,10 @@ def anomaly_scores(model, x: torch.Tensor, scores=SCORES, batch_size: int = 500)
 
 
 def ood_records(model, x_in: torch.Tensor, config: dict, data_dir=None, clean_acc: float | None = None,
-                info: DatasetInfo | None = None) -> list[dict]:
-    """One record per OOD set × score × measure (records in evaluate.RECORD_KEYS form: norm,
-    eps_test, corruption and severity empty, attack "none", robust_acc empty; the measure in
-    `value`; n_examples the number of OOD images). Empty when config["ood_sets"] is empty."""
+                info: DatasetInfo | None = None) -> list[EvalRecord]:
+    """One record per OOD set × score × measure (kind OOD: attack "none", the measure in `value`,
+    n_examples the number of OOD images; norm, eps_test, robust_acc and the attack's settings
+    empty). Empty when config["ood_sets"] is empty."""
     sets = list(config.get("ood_sets") or [])
     if not sets:
         return []
@@ -274,11 +275,9 @@ def ood_records(model, x_in: torch.Tensor, config: dict, data_dir=None, clean_ac
         out_scores = anomaly_scores(model, x_out, scores, batch_size)
         for score in scores:
             for measure, value in detection_measures(in_scores[score], out_scores[score]).items():
-                records.append(dict(
-                    norm=None, eps_test=None, attack="none", attack_steps=None, step_size=None,
-                    restarts=None, n_examples=int(len(x_out)),
-                    clean_acc=float("nan") if clean_acc is None else float(clean_acc), robust_acc=None,
-                    corruption=None, severity=None, ood_set=name, score=score, measure=measure,
-                    value=float(value),
+                records.append(EvalRecord(
+                    attack="none", n_examples=int(len(x_out)),
+                    clean_acc=float("nan") if clean_acc is None else float(clean_acc),
+                    ood_set=name, score=score, measure=measure, value=float(value),
                 ))
     return records

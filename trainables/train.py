@@ -20,10 +20,12 @@ from .attacks import fgsm, pgd
 from .config import resolve
 from .data import ImageTensors, iterate_batches, load_split, load_train_val
 from .device import autocast, prepare_input, prepare_model, select_device
-from .evaluate import evaluate_model, fraction, predictions, robust_accuracy_curve
+from .evaluate import fraction, predictions, robust_accuracy_curve
+from .evaluate_model import evaluate_model
 from .label_noise import corrupt_labels, label_noise_generator
 from .models import backbone_state, build_model, load_backbone
 from .objectives import SSLBatch, attack_objective, stack_inputs, update_loss
+from .records import EvalRecord
 from .ssl import attach_head, build_task, task_from_config  # noqa: F401 - build_task re-exported
 
 # Keys that decide the SSL pre-training a fine-tuning run starts from (its cache key).
@@ -255,7 +257,7 @@ class Trainer:
         x, y = data.images.float() / 255, data.labels
         return fraction(predictions(self.model, x, self.config["eval_batch_size"]) == y)
 
-    def evaluate(self) -> list[dict]:
+    def evaluate(self) -> list[EvalRecord]:
         """Every evaluation record of the selected model (`selected_model`); `selected_epoch`
         says which epoch's weights that is."""
         data = self.test_data()

@@ -8,6 +8,9 @@ import math
 
 import pandas as pd
 
+from orchestrator.result_schema import row_kinds
+from trainables.records import ROBUSTNESS
+
 from .section import Inputs, Section
 
 ATTACK_NAMES = {
@@ -20,12 +23,8 @@ ATTACK_NAMES = {
 
 
 def _adversarial(df: pd.DataFrame) -> pd.DataFrame:
-    rows = df[df["norm"].notna() & df["corruption"].isna()]
-    if "measure" in rows.columns:
-        rows = rows[rows["measure"].isna()]
-    if "defence" in rows.columns:
-        rows = rows[rows["defence"].isna() | (rows["defence"] == "none")]
-    return rows
+    """The undefended robustness rows (trainables.records.row_kind) with a norm."""
+    return df[(row_kinds(df) == ROBUSTNESS) & df["norm"].notna()]
 
 
 def _steps(df: pd.DataFrame, attack: str) -> str:

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import stdtrit  # Student t quantiles; scipy.stats costs >1 s to import
 
-from orchestrator import results
-from trainables.row_kind import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS
+from orchestrator.result_schema import row_kinds
+from trainables.records import CORRUPTION, DEFENDED, LABEL_FREE, OOD, ROBUSTNESS
 
 CONFIG_COLUMNS: tuple[str, ...] = (
     "dataset",
@@ -194,7 +194,7 @@ def prepare(df: pd.DataFrame) -> StudyData:
         if d[c].dtype == object or str(d[c].dtype) in ("str", "string"):
             d[c] = d[c].astype(object)
     d["seed"] = d["seed"].astype(int)
-    kinds = results.row_kinds(d)  # trainables.row_kind: the one rule
+    kinds = row_kinds(d)  # trainables.records: the one rule
     is_cor, is_ood, is_lf = kinds == CORRUPTION, kinds == OOD, kinds == LABEL_FREE
     # rows behind a test-time defence (trainables.defence) have their own figure (report.defence)
     adv_raw = d[kinds == ROBUSTNESS].copy()
@@ -276,7 +276,7 @@ def select_rows(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:
 
 def defended_rows(df: pd.DataFrame) -> pd.Series:
     """Rows of a model behind a test-time defence (column `defence` set and not "none")."""
-    return results.row_kinds(df) == DEFENDED
+    return row_kinds(df) == DEFENDED
 
 
 def _model_tasks(cfg: dict) -> list[str]:
@@ -293,7 +293,7 @@ def defence_table(df: pd.DataFrame) -> pd.DataFrame:
     Here, not with the defence figure, because the end-of-run summary prints it too."""
     if not defended_rows(df).any():
         return pd.DataFrame()
-    d = df[results.row_kinds(df).isin([ROBUSTNESS, DEFENDED])].copy()
+    d = df[row_kinds(df).isin([ROBUSTNESS, DEFENDED])].copy()
     configs = {h: json.loads(t) for h, t in d.drop_duplicates("config_hash")[["config_hash", "config_json"]].itertuples(index=False)}
     keep = {h for h, c in configs.items() if c.get("defence", "none") != "none"}
     d = d[d["config_hash"].isin(keep)]
