@@ -4,7 +4,7 @@ The backbone lives at `{storage}/pretrained/{hash}.pt`, keyed by the hash of
 `trainables.train.pretrain_settings`, so later studies reuse it too. The driver knows every
 pre-training its pending cells need before any trial starts: `needed` lists the missing ones and
 `pretrain_missing` trains each once, as a Ray task with a trial's resources, before the grid
-starts. Trials then only load the file (`load_or_train`); they train one themselves only when the
+starts (a lease beside the file keeps two invocations at once from both training it). Trials then only load the file (`load_or_train`); they train one themselves only when the
 driver could not know it in advance (a search that samples a pre-training setting: every sample
 is a setting of its own).
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from .cell_lease import Lease
 from .errors import UserError
 from .spec import settings_hash
 from .storage import filesystem_and_path, join, write_atomic
@@ -53,13 +54,14 @@ def load(path: str) -> dict | None:
         ) from None
 
 
-def train_and_store(path: str, config: dict, data_dir: str | None, device: str = "auto") -> dict:
-    """Pre-train (trainables.train.pretrain_rotation) and write the state to `path` atomically."""
+def train_and_store(path: str, config: dict, data_dir: str | None, device: str = "auto", progress=None) -> dict:
+    """Pre-train (trainables.train.pretrain_rotation; `progress(epoch, loss)` after each epoch) and
+    write the state to `path` atomically."""
     import torch
 
     from trainables.train import pretrain_rotation
 
-    state = pretrain_rotation(config, data_dir=data_dir, device=device)
+    state = pretrain_rotation(config, data_dir=data_dir, device=device, progress=progress)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     fs, fs_path = filesystem_and_path(path)
@@ -76,7 +78,8 @@ def load_or_train(storage: str, config: dict, data_dir: str | None, log=print) -
     if state is not None:
         return state, False
     log(f"SSL pre-training {path}")
-    return train_and_store(path, config, data_dir), True
+    trained = train_once(path, config, data_dir, log)
+    return load(path), trained
 
 
 # ----------------------------------------------------------------------------- the driver's stage
@@ -112,23 +115,40 @@ def needed(storage: str, configs: list[tuple[str, dict]]) -> list[Pretraining]:
 
 @dataclass(frozen=True)
 class _TaskResult:
+    trained: bool = False  # False without an error: another invocation stored it meanwhile
     error: str | None = None  # one line: the pre-training failed
     setup_error: str | None = None  # a dataset the node cannot fetch: the study stops (trial_setup)
 
 
+def train_once(path: str, config: dict, data_dir: str | None, log=print) -> bool:
+    """Train and store the pre-training at `path` unless another process (another invocation of a
+    study on the same storage) holds its lease (cell_lease.Lease, beside the file) and stores it
+    meanwhile; whether this process trained it."""
+    folder, name = path.rsplit("/", 1)
+    lease = Lease(f"{folder}/.lease-{name.removesuffix('.pt')}.json", lambda: exists(path),
+                  f"SSL pre-training {path}")
+    if not lease.acquire(log):
+        return False
+    try:
+        train_and_store(path, config, data_dir, progress=lambda epoch, loss: lease.renew())
+    finally:
+        lease.release()
+    return True
+
+
 def _pretrain_task(path: str, config: dict, data_dir: str | None, cpus: float) -> _TaskResult:
+    """`train_once` in a Ray worker, its failures as values."""
     import torch
 
     from trainables.datafiles import DatasetUnavailable
 
     torch.set_num_threads(max(1, int(cpus)))
     try:
-        train_and_store(path, config, data_dir)
+        return _TaskResult(trained=train_once(path, config, data_dir, log=lambda line: print(line, flush=True)))
     except DatasetUnavailable as err:
         return _TaskResult(setup_error=str(err))
     except Exception as err:  # noqa: BLE001 - reported with the setting; its cells are not run
         return _TaskResult(error=_one_line(err))
-    return _TaskResult()
 
 
 def _one_line(err: BaseException) -> str:
@@ -169,7 +189,9 @@ def pretrain_missing(missing: list[Pretraining], resources: dict, data_dir: str 
             if result.error:
                 p.error = f"SSL pre-training {p.path} failed ({result.error})"
                 log(f"{p.error}; the {len(p.cells)} cell(s) that need it are not run")
-            else:
+            elif result.trained:
                 trained += 1
                 log(f"SSL pre-training {p.path} done in {time.monotonic() - started:.0f} s")
+            else:
+                log(f"SSL pre-training {p.path} was stored by another invocation; using it")
     return trained
