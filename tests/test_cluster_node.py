@@ -59,7 +59,7 @@ def join_with_the_configs_commands(cluster: LocalRayCluster, home: Path, name: s
 
 @pytest.mark.slow
 def test_worker_joins_without_mlflow_and_a_dataset_failure_is_a_setup_error(tmp_path):
-    """100-150 s on a busy 2-core machine (two nodes, then a study whose driver, MLflow tracking
+    """75-150 s on a busy 2-core machine (two nodes, then a study whose driver, MLflow tracking
     service and trials start before the set-up error stops it)."""
     empty_mirror = tmp_path / "mirror"
     empty_mirror.mkdir()

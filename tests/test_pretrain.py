@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from orchestrator import pretrain
 from orchestrator.spec import config_hash
 from orchestrator.storage import filesystem_and_path, write_atomic
@@ -48,8 +50,10 @@ time.sleep(120)
 """
 
 
-def test_a_pretraining_another_process_holds_is_waited_for_not_trained_again(tmp_path):
-    storage = str(tmp_path / "runs")
+@pytest.mark.parametrize("uri", [False, True], ids=["local", "file-uri"])
+def test_a_pretraining_another_process_holds_is_waited_for_not_trained_again(tmp_path, uri):
+    """Local storage (an exclusive create decides the lease) and a URI (as on S3: the last writer wins)."""
+    storage = f"file://{tmp_path}/runs" if uri else str(tmp_path / "runs")
     path = pretrain.pretrained_path(storage, _config())
     folder, name = path.rsplit("/", 1)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"{folder}/.lease-{name[:-3]}.json"], cwd=REPO,
@@ -57,16 +61,18 @@ def test_a_pretraining_another_process_holds_is_waited_for_not_trained_again(tmp
     try:
         assert holder.stdout.readline().strip() == "held"
 
+        fs, fs_path = filesystem_and_path(path)
+
         def store():  # what the holder's training ends with
             time.sleep(1.0)
-            fs, fs_path = filesystem_and_path(path)
-            write_atomic(fs, folder, name, b"stored by the other process")
+            write_atomic(fs, fs_path.rsplit("/", 1)[0], name, b"stored by the other process")
 
         threading.Thread(target=store, daemon=True).start()
         lines = []
         assert pretrain.train_once(path, _config(), None, log=lines.append) is False
         assert len(lines) == 1 and lines[0].startswith(f"SSL pre-training {path} is being trained by ")
-        assert Path(path).read_bytes() == b"stored by the other process"  # not trained here
+        with fs.open_input_stream(fs_path) as stored:
+            assert stored.read() == b"stored by the other process"  # not trained here
     finally:
         holder.kill()
         holder.wait()
