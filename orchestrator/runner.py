@@ -14,12 +14,18 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TextIO
 
 import pyarrow.fs as pafs
 
 from . import preflight, results, storage as storage_mod, tracking
 from .errors import UserError
 from .spec import StudySpec, Trial
+
+if TYPE_CHECKING:  # Ray Tune's modules: imported once the checks passed (start)
+    from .mlflow_callback import StudyTracking
+    from .trainable import StudyContext
+    from .trial_setup import TrialSetupWatch
 
 TUNE_STATE_FILE = "sslrobust_invocation.json"
 SEARCH_TRIALS = "search trials"  # what needs a search's shared SSL pre-training
@@ -184,10 +190,10 @@ class Invocation:
     tracking_uri: str
     name: str  # the Tune experiment's name (its folder under {storage}/tune)
     restore_path: str | None  # the interrupted Tune run --resume restores
-    context: object  # trainable.StudyContext
-    tracker: object  # mlflow_callback.StudyTracking
-    setup_watch: object  # trial_setup.TrialSetupWatch: a trial's set-up error stops the study
-    out: object  # where the console lines go
+    context: StudyContext
+    tracker: StudyTracking
+    setup_watch: TrialSetupWatch  # a trial's set-up error stops the study
+    out: TextIO  # where the console lines go
 
     def directory(self, storage: str) -> str:
         return storage_mod.join(storage, "tune", self.name)
