@@ -19,10 +19,11 @@ SETTLE_S = 1.0  # after writing a lease, read it back this much later: of two wr
 
 
 class Lease:
-    """The lease at `path` on the work named `what`, whose product exists once `done()` is true."""
+    """The lease at `path` on the work named `what`, whose product (`product`, as the wait is
+    announced) exists once `done()` is true."""
 
-    def __init__(self, path: str, done: Callable[[], bool], what: str):
-        self.location, self.done, self.what = path, done, what
+    def __init__(self, path: str, done: Callable[[], bool], what: str, product: str = "it"):
+        self.location, self.done, self.what, self.product = path, done, what, product
         self.fs, self.path = storage_mod.filesystem_and_path(path)
         self.owner = liveness.this_owner()
 
@@ -50,7 +51,7 @@ class Lease:
             lease = self._read()
             if lease and lease.get("owner") != self.owner and liveness.is_alive(lease.get("owner"), lease.get("heartbeat")):
                 if not waited:
-                    log(f"{self.what} is being trained by {lease['owner']}; waiting for it")
+                    log(f"{self.what} is being trained by {lease['owner']}; waiting for {self.product}")
                     waited = True
                 time.sleep(poll_s)
                 continue
@@ -100,4 +101,5 @@ class CellLease(Lease):
 
     def __init__(self, storage: str, study: str, config_hash: str):
         super().__init__(f"{results.study_dir(storage, study)}/.lease-{config_hash}.json",
-                         lambda: config_hash in results.completed_hashes(storage, study), f"cell {config_hash}")
+                         lambda: config_hash in results.completed_hashes(storage, study), f"cell {config_hash}",
+                         "its results")
