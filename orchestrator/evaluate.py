@@ -149,7 +149,7 @@ def run_evaluation(spec, storage: str, tracking_uri: str | None, sets: list[str]
     """Evaluate the kept models of `spec`'s study with the `--set` evaluation settings (see the
     module docstring). Checks the input before writing anything; raises UserError (one line)."""
     from . import results, storage as storage_mod, tracking
-    from .runner import check_datasets
+    from .preflight import check_datasets
     from .spec import Trial
 
     storage = storage_mod.normalize(storage)

@@ -33,6 +33,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from . import liveness, models_store, results, run_id_file, storage as storage_mod, tracking
 from .metrics import exact_number, summary_metrics, trial_metrics
 from .mlflow_writer import BackgroundWriter
+from .tracking_problem import Scope, TrackingProblem
 from .tracking_uri import TrackingError, one_line, reason
 
 # Report keys that are bookkeeping, not per-epoch measurements.
@@ -138,13 +139,14 @@ class StudyTracking(Callback):
             return str(err)
         return None
 
-    def errors(self) -> list[str]:
-        """The failures, one line each: "<config hash>: ..." per trial, "parent run <id>: ...", and
-        any job of the background writer that failed outside a trial's MLflow calls."""
+    def errors(self) -> list[TrackingProblem]:
+        """The failures: each trial's first, those of background jobs outside a trial's MLflow
+        calls, and the parent run's first."""
         self._writer.drain()
-        out = [f"{h}: {e}" for h, e in self.trial_errors.items()] + list(self._writer.failures)
+        out = [TrackingProblem(Scope.TRIAL, h, e) for h, e in self.trial_errors.items()]
+        out += [TrackingProblem(Scope.WRITER, "", line) for line in self._writer.failures]
         if self.parent_error:
-            out.append(f"parent run {self.parent_run_id}: {self.parent_error}")
+            out.append(TrackingProblem(Scope.PARENT, str(self.parent_run_id), self.parent_error))
         return out
 
     def _log_cell_summary(self) -> None:
@@ -176,6 +178,11 @@ class StudyTracking(Callback):
 
     # -- Tune's hooks --------------------------------------------------------------------------
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self.keep_alive()
+
+    def keep_alive(self) -> None:
+        """Renew the parent run's heartbeat when it is due (also while the driver waits outside
+        Tune, e.g. on SSL pre-training), so another invocation never takes this one for dead."""
         if self.parent_run_id is None or time.time() - self._last_beat < liveness.HEARTBEAT_EVERY_S:
             return
         self._last_beat = time.time()

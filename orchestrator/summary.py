@@ -10,6 +10,7 @@ from .result_schema import row_kinds
 from .errors import UserError
 from .interval_tables import difference_intervals, factor_groups, robustness_intervals, wide_table, with_factors
 from .intervals import interval_legend
+from .tracking_problem import Scope, TrackingProblem
 
 
 def mean_ci_cell(mean: float, half: float, n: int) -> str:
@@ -128,6 +129,21 @@ def grid_aliases(trials) -> dict[str, list[dict]]:
     return {t.config_hash: t.aliases for t in trials if t.aliases}
 
 
+def tracking_problem_lines(problems: list[TrackingProblem], study: str, storage: str, tracking_uri: str) -> list[str]:
+    """What the end of a study says about MLflow tracking failures: how many trials (and whether
+    the parent run) lost tracking, the --backfill-tracking command, then each failure."""
+    if not problems:
+        return []
+    # a failed background job is counted with the trials: the writer runs the trials' writes
+    trials_lost = sum(p.scope is not Scope.PARENT for p in problems)
+    parent_lost = " and the study's parent run" if trials_lost < len(problems) else ""
+    return [f"MLflow tracking failed for {trials_lost} trial(s){parent_lost}; their results are in "
+            f"Parquet. Log them to MLflow once the server is back with:",
+            f"  python -m orchestrator.study {study} --backfill-tracking --storage {storage} "
+            f"--tracking-uri {tracking_uri}",
+            *(f"  {p}" for p in problems)]
+
+
 def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, log_report=None) -> str | None:
     """Write the report, log it with ``log_report(paths, artifact_path)`` (returns an error line or
     None; None: not logged), print the robustness tables and where everything is."""
@@ -184,15 +200,8 @@ def finish_study(spec, storage, tracking_uri, trials, outcome, out=sys.stdout, l
         for t in missing:
             values = ", ".join(f"{k}={t.factors[k]}" for k in varying) or "(single cell)"
             print(f"  {t.config_hash}  {values}", file=out)
-    if outcome.tracking_errors:
-        trials_lost = sum(not e.startswith("parent run ") for e in outcome.tracking_errors)  # see runner
-        parent_lost = " and the study's parent run" if trials_lost < len(outcome.tracking_errors) else ""
-        print(f"MLflow tracking failed for {trials_lost} trial(s){parent_lost}; their results are in "
-              f"Parquet. Log them to MLflow once the server is back with:", file=out)
-        print(f"  python -m orchestrator.study {spec.name} --backfill-tracking --storage {storage} "
-              f"--tracking-uri {tracking_uri}", file=out)
-        for error in outcome.tracking_errors:
-            print(f"  {error}", file=out)
+    for line in tracking_problem_lines(outcome.tracking_errors, spec.name, storage, tracking_uri):
+        print(line, file=out)
     print(f"results:  {results.study_dir(storage, spec.name)}  (orchestrator.results.load('{spec.name}', "
           f"'{storage}'))", file=out)
     if report_path:

@@ -107,7 +107,7 @@ def _load_error(err: Exception) -> str:
 
 # The trial's own work, in seconds, reported with its results: building the Trainer (data, model)
 # and the epochs this attempt ran (a trial resumed from a checkpoint counts only those), and
-# `Trainer.evaluate`. Tune, checkpoints, the lease, Parquet and the model store are not in them, so a
+# `Trainer.evaluate`. Tune, checkpoints, the cell lease, Parquet and the model store are not in them, so a
 # study's wall time can be set against the work its trials did (benchmarks/bench_study_wall.py).
 TRAIN_SECONDS, EVAL_SECONDS = "train_seconds", "eval_seconds"
 
@@ -152,13 +152,12 @@ def _train_and_record(context: StudyContext, config: dict, chash: str, trial_id:
                       lease: CellLease, log) -> None:
     from trainables.train import Trainer
 
-    from .pretrain import ensure_pretrained
+    from . import pretrain
 
     pretrained, pretrained_here = None, False
     try:
-        if config["init"] == "ssl_pretrained":
-            pretrained, pretrained_here = ensure_pretrained(context.storage, config, holder=f"{trial_id}-{os.getpid()}",
-                                                            data_dir=context.data_dir, log=log)
+        if config["init"] == pretrain.INIT:  # stored by the driver's pre-training stage (runner)
+            pretrained, pretrained_here = pretrain.load_or_train(context.storage, config, context.data_dir, log)
         started = time.perf_counter()
         trainer = Trainer(config, data_dir=context.data_dir, pretrained=pretrained)
         train_seconds = time.perf_counter() - started

@@ -739,14 +739,14 @@ def test_a_pickle_bomb_trial_checkpoint_is_refused_named_and_not_used(tmp_path, 
 @pytest.mark.slow
 def test_a_pickle_bomb_pretrained_backbone_is_refused_with_one_line(tmp_path):
     from orchestrator.errors import UserError
-    from orchestrator.pretrain import _read
+    from orchestrator.pretrain import load
 
     marker = tmp_path / "exploded"
     path = tmp_path / "pretrained" / "0123456789abcdef.pt"
     path.parent.mkdir()
     _pickle_bomb(path, marker)
     with pytest.raises(UserError) as err:
-        _read(str(path))
+        load(str(path))
     message = str(err.value)
     assert str(path) in message and "delete it and re-run" in message and "\n" not in message
     assert not marker.exists()

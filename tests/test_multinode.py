@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,13 +19,16 @@ from orchestrator.spec import load_study
 from orchestrator.metrics import result_metric_name
 from tests.cluster_helpers import LocalRayCluster, MlflowServer, ProcessScope, tail
 
+REPO = Path(__file__).resolve().parents[1]  # the nodes' workers import this checkout's code
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="cluster_helpers reads /proc (Linux)")
 
 STUDY, SCALE = "smoke", "smoke"
 # smoke has two cells; two seeds make four 1-CPU trials on two 1-CPU nodes. Two trials alone could
 # both run on one node: Tune hands a finished trial's cached actor to a trial whose own actor is
 # still starting. With four, node b would have to stay unused through three trials in a row.
-SETS = ["seeds=[0, 1]"]
+# SSL pre-trained: the driver's stage trains the two pre-trainings (one per seed) as Ray tasks on
+# the nodes into the shared storage before the trials start, which then load them on either node.
+SETS = ["seeds=[0, 1]", "init=ssl_pretrained", "pretrain_epochs=1"]
 
 # Variables of the caller's shell that would redirect the driver; the test passes everything explicitly.
 CLEAN_ENV = {"RAY_ADDRESS": None, "MLFLOW_TRACKING_URI": None, "SSLROBUST_STORAGE": None,
@@ -49,8 +53,8 @@ def rows_per_trial(config: dict) -> int:
 
 @pytest.mark.slow
 def test_study_runs_on_two_ray_nodes_with_mlflow_server(tmp_path):
-    """~90 s on a busy 2-core machine: ~12 s for the nodes (the MLflow server starts meanwhile),
-    ~65 s for the study."""
+    """~12 s for the nodes (the MLflow server starts meanwhile), the rest for the study: its two
+    SSL pre-training tasks, then the four trials (187 s in all on this 2-core machine at load 10)."""
     spec = load_study(STUDY, SCALE, SETS)
     trials = spec.trials()
     assert len(trials) == 4 and spec.resources == {"cpu": 1, "gpu": 0}
@@ -61,7 +65,7 @@ def test_study_runs_on_two_ray_nodes_with_mlflow_server(tmp_path):
 
     with ProcessScope("multinode") as scope, \
             MlflowServer(scope, tmp_path / "mlflow") as server, \
-            LocalRayCluster(scope) as cluster:
+            LocalRayCluster(scope, node_env={"PYTHONPATH": str(REPO)}) as cluster:
         # The server comes up while the nodes start.
         cluster.start_head(num_cpus=1, resources={"node_a": 1}, name="node_a")
         cluster.add_node(num_cpus=1, resources={"node_b": 1}, name="node_b")
@@ -73,13 +77,15 @@ def test_study_runs_on_two_ray_nodes_with_mlflow_server(tmp_path):
         server.wait_ready()
 
         code = scope.run(
-            study_command("--set", *SETS, "--address", cluster.address, "--storage", shared,
+            study_command(*(arg for setting in SETS for arg in ("--set", setting)), "--address", cluster.address, "--storage", shared,
                           "--tracking-uri", server.uri),
             driver_log, stderr_log=driver_err, timeout=300, tag="driver", cwd=workdir,
             env={**CLEAN_ENV, **cluster.env()},
         )
         output = f"--- stdout\n{tail(driver_log)}\n--- stderr\n{tail(driver_err)}"
         assert code == 0, output  # 1 if any trial failed
+        assert len(list((shared / "pretrained").glob("*.pt"))) == 2, output
+        assert driver_log.read_text().count(" done in ") == 2, output  # [smoke] SSL pre-training ... done in N s
 
         # Parquet: every trial × evaluation point once, on both nodes.
         table = results.load(STUDY, str(shared))

@@ -119,7 +119,7 @@ def test_ssl_pretraining_is_trained_once_and_shared(ray_cluster, workspace):
     write_study(studies, "pre", {"ssl_weight": [0.0, 0.5, 1.0]}, init="ssl_pretrained")
     _, outcome, _ = run("pre", options)
     assert outcome.ran == 3 and not outcome.failed
-    assert outcome.pretrainings == 1  # three trials started together, one trained it
+    assert outcome.pretrainings == 1  # the driver's stage trained it once, before the three trials
     files = list((options_path(options) / "pretrained").glob("*.pt"))
     assert len(files) == 1
     # A later study with the same pre-training settings reuses it.
@@ -127,6 +127,27 @@ def test_ssl_pretraining_is_trained_once_and_shared(ray_cluster, workspace):
     _, later, _ = run("pre2", options)
     assert later.ran == 1 and later.pretrainings == 0
     assert len(list((options_path(options) / "pretrained").glob("*.pt"))) == 1
+
+
+def test_a_failed_ssl_pretraining_is_one_line_and_its_cells_are_not_run(ray_cluster, workspace):
+    """The pre-training cannot be stored (a file where its folder should be): one line names it,
+    the cell that needs it is listed as failed and missing, the scratch cell runs."""
+    from orchestrator.pretrain import pretrained_path
+
+    studies, options = workspace
+    write_study(studies, "prefail", {"init": ["scratch", "ssl_pretrained"]}, epochs=1, eval_eps_linf=[0.0, 0.1])
+    spec = load_study("prefail")
+    needs = next(t for t in spec.trials() if t.config["init"] == "ssl_pretrained")
+    path = pretrained_path(options.storage, needs.config)
+    Path(options.storage).mkdir(parents=True)
+    (Path(options.storage) / "pretrained").write_text("not a folder")
+    _, outcome, text = run("prefail", options)
+    assert outcome.ran == 1 and outcome.pretrainings == 0 and outcome.missing == [needs.config_hash]
+    [line] = [ln for ln in text.splitlines() if ln.startswith(f"[prefail] SSL pre-training {path} failed (")]
+    assert line.endswith("; the 1 cell(s) that need it are not run")
+    assert len(outcome.failed) == 1 and outcome.failed[0].startswith(f"{needs.config_hash}: not run: SSL pre-training {path} failed")
+    assert f"  failed: {outcome.failed[0]}" in text
+    assert set(results.load("prefail", options.storage)["init"]) == {"scratch"}
 
 
 def options_path(options):

@@ -417,12 +417,15 @@ def test_a_trial_whose_results_cannot_be_read_is_reported_by_the_callback(sqlite
     from types import SimpleNamespace
 
     from orchestrator.mlflow_callback import StudyTracking
-    from orchestrator.trainable import StudyContext
+    from orchestrator.spec import config_hash
+    from orchestrator.tracking_problem import Scope
+    from orchestrator.trainable import StudyContext, trial_config
 
     storage = str(tmp_path / "runs")
     context = StudyContext(study="unread", storage=storage, tracking_uri=sqlite_uri,
                            fixed={"eval_eps_linf": [0.0, 0.1]}, cpus_per_trial=1, invocation="unread-1")
     trial = SimpleNamespace(trial_id="t0001", config={"cell": {"ssl_weight": 0.5, "seed": 0}}, status="RUNNING")
+    chash = config_hash(trial_config(trial.config, context))
     live = StudyTracking(sqlite_uri, "unread", storage=storage, invocation="unread-1", context=context,
                          varying=["ssl_weight"], description="d", spec_text="factors: {}",
                          parent_name="unread live", parent_params={}, parent_tags={})
@@ -432,10 +435,30 @@ def test_a_trial_whose_results_cannot_be_read_is_reported_by_the_callback(sqlite
     live.on_trial_complete(1, [], trial)
     live.end("FINISHED")
     errors = live.errors()
-    assert len(errors) == 1 and "failed to log the trial's results for trial 'ssl_weight=0.5'" in errors[0], errors
-    assert "No such file" in errors[0]
+    assert len(errors) == 1 and errors[0].scope is Scope.TRIAL and errors[0].subject == chash, errors
+    assert "failed to log the trial's results for trial 'ssl_weight=0.5'" in errors[0].message
+    assert "No such file" in errors[0].message
+    assert str(errors[0]) == f"{chash}: {errors[0].message}"  # as the end-of-study summary lists it
     [run] = client(sqlite_uri).search_runs([live.experiment_id], "tags.`sslrobust.role` = 'trial'")
     assert run.info.status == "RUNNING" and run.data.metrics == {"train_loss": 0.5}
+
+
+def test_the_end_of_study_lists_tracking_problems_by_scope():
+    from orchestrator.summary import tracking_problem_lines
+    from orchestrator.tracking_problem import Scope, TrackingProblem
+
+    trial = TrackingProblem(Scope.TRIAL, "2124492ebe949aec", "MLflow tracking at U failed to log epoch 2")
+    parent = TrackingProblem(Scope.PARENT, "abc123", "heartbeat failed (connection refused)")
+    lines = tracking_problem_lines([trial, parent], "mlgone", "/runs", "http://127.0.0.1:5000")
+    assert lines == [
+        "MLflow tracking failed for 1 trial(s) and the study's parent run; their results are in Parquet. "
+        "Log them to MLflow once the server is back with:",
+        "  python -m orchestrator.study mlgone --backfill-tracking --storage /runs --tracking-uri http://127.0.0.1:5000",
+        "  2124492ebe949aec: MLflow tracking at U failed to log epoch 2",
+        "  parent run abc123: heartbeat failed (connection refused)"]
+    writer = TrackingProblem(Scope.WRITER, "", "MLflow writer: a job failed (ValueError: x)")
+    assert tracking_problem_lines([writer], "s", "/r", "u")[0].startswith("MLflow tracking failed for 1 trial(s);")
+    assert tracking_problem_lines([], "s", "/r", "u") == []
 
 
 def test_progress_line_counts_the_trial_that_ends_and_shows_its_cell():
