@@ -1,9 +1,9 @@
 """Fixtures shared by the tests: trained models (test_attacks, test_ssl_objectives, test_train),
-a local Ray with a study workspace (the end-to-end study tests), torch thread settings per test, and
-the rule that marks the tests using the first two `slow`.
+one local Ray for the session with a study workspace per test (the end-to-end study tests), torch
+thread settings per test, and the rule that marks the tests using the first two `slow`.
 
 Two small_cnn models trained once per session for two epochs on a 3,000-image Fashion-MNIST subset
-with the project's own Trainer (CPU, 2 threads, ~3 s and ~10 s): one standard (ε_train = 0), one
+with the project's own Trainer (CPU, one thread, ~5 s and ~12 s): one standard (ε_train = 0), one
 plain PGD-3 l∞ adversarially trained at ε_train = 0.1 (variant ce, no SSL). Plus a fixed batch of
 500 Fashion-MNIST test images to attack.
 """
@@ -49,8 +49,8 @@ def one_thread_for_the_session():
     session-scoped fixtures compute on the same thread count as the tests: a result computed with
     two threads can differ in its last bits from the same computation on one. The tests' tensors are
     small, and on a shared 2-core machine two intra-op threads that keep being descheduled spin-wait
-    on each other (~10x slower). The session's trained models take two threads inside their own
-    fixtures (`torch_threads`)."""
+    on each other (~10x slower). The session's trained models stay on one thread too: on a busy
+    2-core machine two threads trained them in 41 s and 133 s, one thread in 9 s and 21 s."""
     with torch_threads(1):
         yield
 
@@ -85,16 +85,14 @@ def fmnist_test_batch() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="session")
 def fmnist_standard_cnn() -> torch.nn.Module:
     """small_cnn, standard training: 3,000 Fashion-MNIST images, 2 epochs, eval mode."""
-    with torch_threads(2):
-        return _train_small_cnn(0.0)
+    return _train_small_cnn(0.0)
 
 
 @pytest.fixture(scope="session")
 def fmnist_adversarial_cnn() -> torch.nn.Module:
     """small_cnn, PGD-3 l∞ adversarial training at ε = 0.1 (step 2.5·ε/3, random start; variant
     ce, no SSL), same data and seed as `fmnist_standard_cnn`, eval mode."""
-    with torch_threads(2):
-        return _train_small_cnn(FMNIST_EPS_TRAIN)
+    return _train_small_cnn(FMNIST_EPS_TRAIN)
 
 
 @pytest.fixture(scope="session")
@@ -105,19 +103,21 @@ def fmnist_pgd10_accuracy(fmnist_test_batch, fmnist_standard_cnn, fmnist_adversa
 
     x, y = fmnist_test_batch
     out = {"n": len(y)}
-    with torch_threads(2):
-        for name, model in (("standard", fmnist_standard_cnn), ("adversarial", fmnist_adversarial_cnn)):
-            x_adv = pgd(model, x, y, norm="linf", eps=FMNIST_EPS_TRAIN, step_size=0.025, steps=10,
-                        random_start=True, bn_mode="eval", generator=torch.Generator().manual_seed(1))
-            with torch.no_grad():
-                out[name] = (model(x_adv).argmax(1) == y).float().mean().item()
-                out[name + "_clean"] = (model(x).argmax(1) == y).float().mean().item()
+    for name, model in (("standard", fmnist_standard_cnn), ("adversarial", fmnist_adversarial_cnn)):
+        x_adv = pgd(model, x, y, norm="linf", eps=FMNIST_EPS_TRAIN, step_size=0.025, steps=10,
+                    random_start=True, bn_mode="eval", generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out[name] = (model(x_adv).argmax(1) == y).float().mean().item()
+            out[name + "_clean"] = (model(x).argmax(1) == y).float().mean().item()
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray of this machine for the tests of one module (2 CPUs, no dashboard)."""
+    """A local Ray of this machine (2 CPUs, no dashboard), started once for every test that asks for
+    it: starting one costs seconds on a 2-core machine, and no test stops or reconfigures it (the
+    tests of cluster start/stop, node faults and concurrent invocations start their own, in other
+    processes, with their own RAY_TMPDIR)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
