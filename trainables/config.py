@@ -31,6 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # accuracy on the held-out validation split (early stopping against robust overfitting, Rice,
 # Wong and Kolter, ICML 2020).
 CHECKPOINT_SELECTIONS = ("last", "best_robust_val")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")  # trainables.device.uses_bf16
 CORRUPTIONS = (
     "gaussian_noise",
     "shot_noise",
@@ -110,7 +111,7 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     # affected): "auto" bf16 on CUDA, fp32 on CPU; "bf16" also on CPUs that compute bf16 natively
     # (AVX512-BF16 or AMX; small_cnn trains ~1.4x faster), fp32 on other CPUs, where emulated bf16
     # is slower than fp32; "fp32" everywhere. trainables.device.autocast
-    "train_precision": ("auto", "str", ("auto", "bf16", "fp32")),
+    "train_precision": ("auto", "str", TRAIN_PRECISIONS),
     # SSL pre-training (init=ssl_pretrained)
     "init": ("scratch", "str", INITS),
     "pretrain_epochs": (2, "int", "pos"),

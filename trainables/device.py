@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from .config import TRAIN_PRECISIONS
+
 
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -27,8 +29,8 @@ def cpu_has_native_bf16() -> bool:
 def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
     """Whether `autocast(device, precision)` computes in bf16: "auto" on CUDA only, "bf16" on CUDA
     and on CPUs with native bf16, "fp32" never. Raises ValueError for another precision."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use {', '.join(TRAIN_PRECISIONS)}")
     if precision == "fp32":
         return False
     if device.type == "cuda":
