@@ -43,6 +43,17 @@ def trial_work(storage: Path) -> list[tuple[float, float]]:
     return work
 
 
+def trial_spans(storage: Path) -> list[tuple[float, float]]:
+    """(start, end) of every trial in seconds since the epoch, whole seconds (Tune's `timestamp`):
+    the first report's time less the trial's time by then, and the last report's time."""
+    spans = []
+    for path in sorted(storage.glob("tune/*/*/result.json")):
+        reports = [json.loads(line) for line in path.read_text().splitlines()]
+        if reports:
+            spans.append((reports[0]["timestamp"] - reports[0]["time_total_s"], float(reports[-1]["timestamp"])))
+    return spans
+
+
 def slots(study: str, scale: str, sets: list[str], max_concurrent: int | None) -> tuple[int, int]:
     """(trials in the study, trials that run at once on this machine's local Ray)."""
     from orchestrator.spec import load_study
@@ -70,14 +81,15 @@ def main() -> int:
                    *[f"--set={s}" for s in args.sets],
                    *(["--max-concurrent", str(args.max_concurrent)] if args.max_concurrent else [])]
         load_before = os.getloadavg()
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - start
+        wall, ended_at = time.perf_counter() - start, time.time()
         load_after = os.getloadavg()
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", file=sys.stderr)
             return 1
         work = trial_work(work_dir / "runs")
+        spans = trial_spans(work_dir / "runs")
         if args.show_end:
             print("\n".join(done.stdout.splitlines()[-args.show_end:]))
     if len(work) != trials:
@@ -92,6 +104,13 @@ def main() -> int:
           f"(per trial {min(sum(w) for w in work):.1f}-{max(sum(w) for w in work):.1f} s)")
     print(f"study wall time {wall:.1f} s (the whole command), ideal {ideal:.1f} s (work / {at_once})")
     print(f"wall / ideal = {wall / ideal:.3f} (target <= 1.08)")
+    # Where the rest of the wall time went (±1 s: Tune's timestamps are whole seconds)
+    before = min(s for s, _ in spans) - started_at
+    after = ended_at - max(e for _, e in spans)
+    inside = (sum(e - s for s, e in spans) - train - evaluate) / at_once
+    print(f"beyond the ideal: {before:.0f} s before the first trial (Ray, MLflow, Tune, the trials' imports), "
+          f"{after:.0f} s after the last (report, summary), {inside:.0f} s inside trials beyond their work "
+          f"(per slot), {wall - ideal - before - after - inside:.0f} s of slots idle between and after trials")
     return 0
 
 

@@ -42,6 +42,7 @@ CANDIDATES = {
     "apgd_s100_t1": dict(attack="apgd", apgd_steps=100, target_classes=1),
     "apgd_s100_t3": dict(attack="apgd", apgd_steps=100, target_classes=3),
     "apgd_s50_t5": dict(attack="apgd", apgd_steps=50, target_classes=5),
+    "apgd_s75_t3": dict(attack="apgd", apgd_steps=75, target_classes=3),
     # AutoAttack's gradient part (APGD-CE, APGD-T over 9 targets, 100 steps each): on CPU the
     # full version's Square (5000 queries per robust point and ε) costs ~240x PGD-10.
     "apgd_s100_t9": dict(attack="apgd", apgd_steps=100, target_classes=9),

@@ -101,6 +101,12 @@ def adaptive_objective(task: MultiTask, weight: float, eps_r: float, steps_r: in
     return objective
 
 
+def _defence_generator(seed: int, salt: int, device) -> torch.Generator:
+    """The defence's random views: one stream per (trial seed, use), so the reversal of the clean
+    images, of each ε_test and the adaptive attack's views never share draws."""
+    return torch.Generator(device=device).manual_seed((seed * 7_919 + salt) % (2**63))
+
+
 def defended_classifier(model, task: MultiTask, eps_r: float, steps_r: int, batch_size: int, seed: int) -> Classify:
     """classify(images, ε) -> (N,) labels of the defended model: reverse each batch of images
     (`ssl_reverse`), then take the model's argmax. Its random views come from a generator seeded by
@@ -112,7 +118,7 @@ def defended_classifier(model, task: MultiTask, eps_r: float, steps_r: int, batc
 
     def classify(images: torch.Tensor, eps: float) -> torch.Tensor:
         salt = 0 if eps == 0 else int(round(eps * 1e6)) + 1
-        generator = torch.Generator(device=images.device).manual_seed((seed * 7_919 + salt) % (2**63))
+        generator = _defence_generator(seed, salt, images.device)
         return torch.cat([
             argmax(ssl_reverse(model, images[i : i + batch_size], task, eps_r, steps_r, eps_r / 4, generator))
             for i in range(0, len(images), batch_size)
@@ -137,7 +143,7 @@ def defended_records(model, x: torch.Tensor, y: torch.Tensor, config: dict) -> l
         restarts=config["eval_restarts"], batch_size=config["eval_batch_size"], seed=seed,
         classify=defended_classifier(model, task, eps_r, steps_r, config["eval_batch_size"], seed),
     )
-    views = torch.Generator(device=x.device).manual_seed((seed * 7_919 + 3) % (2**63))
+    views = _defence_generator(seed, 3, x.device)
     aware = adaptive_objective(task, config["eval_adaptive_weight"], eps_r, steps_r, config["eval_adaptive_eot"], views)
     records = []
     for norm in config["eval_norms"]:
