@@ -10,6 +10,7 @@ user waits on (starting Ray and the MLflow store, Tune, checkpoints, Parquet, th
 left idle by an uneven last round) is in the ratio.
 
     python benchmarks/bench_study_wall.py [--study weight_sweep] [--scale default] [--set KEY=VALUE ...]
+        [--show-end LINES] [--keep DIR]
 
 Target: wall / ideal <= 1.08. Run it on an otherwise idle machine: other processes slow the
 trials, which the ideal absorbs, and the driver's work, which it does not.
@@ -17,6 +18,7 @@ trials, which the ideal absorbs, and the driver's work, which it does not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -72,10 +74,15 @@ def main() -> int:
     parser.add_argument("--max-concurrent", type=int)
     parser.add_argument("--show-end", type=int, default=0, metavar="LINES",
                         help="also print the last LINES lines the study printed (its end-of-run tables)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="run in DIR (a new folder) and keep its results, models and MLflow store")
     args = parser.parse_args()
     trials, at_once = slots(args.study, args.scale, args.sets, args.max_concurrent)
-    with tempfile.TemporaryDirectory(prefix="bench-study-wall-") as folder:
-        work_dir = Path(folder)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)  # refuses an existing folder: earlier results would be reused
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else
+          tempfile.TemporaryDirectory(prefix="bench-study-wall-")) as folder:
+        work_dir = Path(folder).resolve()
         command = [sys.executable, "-m", "orchestrator.study", args.study, "--scale", args.scale,
                    "--storage", str(work_dir / "runs"), "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db",
                    *[f"--set={s}" for s in args.sets],

@@ -102,8 +102,8 @@ def adaptive_objective(task: MultiTask, weight: float, eps_r: float, steps_r: in
 
 
 def _defence_generator(seed: int, salt: int, device) -> torch.Generator:
-    """The defence's random views: one stream per (trial seed, use), so the reversal of the clean
-    images, of each ε_test and the adaptive attack's views never share draws."""
+    """The generator of the defence's random views, seeded by the trial's seed and a salt per use
+    (the clean images 0, each ε_test round(ε·10⁶) + 1, the adaptive attack's views 3)."""
     return torch.Generator(device=device).manual_seed((seed * 7_919 + salt) % (2**63))
 
 
