@@ -13,7 +13,7 @@ import uuid
 import pyarrow.fs as pafs
 
 from . import storage as storage_mod
-from .errors import UserError
+from .errors import UserError, first_line
 from .spec import Trial
 
 
@@ -98,7 +98,7 @@ def check_storage(storage: str) -> None:
     try:
         fs, path = storage_mod.filesystem_and_path(storage)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad URI
-        raise UserError(f"--storage {storage}: not a usable location ({_first_line(err)}); {how}") from None
+        raise UserError(f"--storage {storage}: not a usable location ({first_line(err)}); {how}") from None
     probe_name = f".sslrobust-probe-{uuid.uuid4().hex}"
     if not isinstance(fs, pafs.LocalFileSystem):
         try:
@@ -107,7 +107,7 @@ def check_storage(storage: str) -> None:
                 stream.write(b"probe")
             fs.delete_file(f"{path}/{probe_name}")
         except Exception as err:  # noqa: BLE001
-            raise UserError(f"--storage {storage}: cannot write there ({_first_line(err)}); {how}") from None
+            raise UserError(f"--storage {storage}: cannot write there ({first_line(err)}); {how}") from None
         return
     made: list[str] = []
     try:
@@ -141,11 +141,6 @@ def _folders_below(existing: str, path: str) -> list[str]:
         out.append(path)
         path = os.path.dirname(path)
     return out[::-1]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def check_local_gpus(resources: dict) -> None:

@@ -4,9 +4,10 @@ The backbone lives at `{storage}/pretrained/{hash}.pt`, keyed by the hash of
 `trainables.train.pretrain_settings`, so later studies reuse it too. The driver knows every
 pre-training its pending cells need before any trial starts: `needed` lists the missing ones and
 `pretrain_missing` trains each once, as a Ray task with a trial's resources, before the grid
-starts (a lease beside the file keeps two invocations at once from both training it). Trials then only load the file (`load_or_train`); they train one themselves only when the
-driver could not know it in advance (a search that samples a pre-training setting: every sample
-is a setting of its own).
+starts (a lease beside the file keeps two invocations at once from both training it). Trials then
+only load the file (`load_or_train`); they train one themselves only when the driver could not
+know it in advance (a search that samples a pre-training setting: every sample is a setting of its
+own).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from .cell_lease import Lease
-from .errors import UserError
+from .errors import UserError, last_line
 from .spec import settings_hash
 from .storage import filesystem_and_path, join, write_atomic
 
@@ -148,12 +149,7 @@ def _pretrain_task(path: str, config: dict, data_dir: str | None, cpus: float) -
     except DatasetUnavailable as err:
         return _TaskResult(setup_error=str(err))
     except Exception as err:  # noqa: BLE001 - reported with the setting; its cells are not run
-        return _TaskResult(error=_one_line(err))
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+        return _TaskResult(error=last_line(err))
 
 
 def pretrain_missing(missing: list[Pretraining], resources: dict, data_dir: str | None, *,
@@ -181,7 +177,7 @@ def pretrain_missing(missing: list[Pretraining], resources: dict, data_dir: str 
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as err:  # its worker died more than max_retries times
-                result = _TaskResult(error=_one_line(err))
+                result = _TaskResult(error=last_line(err))
             if result.setup_error:
                 for other in running:
                     ray.cancel(other, force=True)

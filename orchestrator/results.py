@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator import storage as storage_mod
+from orchestrator.errors import first_line
 from orchestrator.result_schema import (
     COLUMNS, CONFIG_COLUMNS, KEY_COLUMNS, PANDAS_DTYPES, REQUIRED_COLUMNS, SCHEMA, ResultsError, fmt_key,
     validate_rows,
@@ -86,15 +87,10 @@ def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(location)
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with long messages
-            raise ResultsError(f"cannot open storage {location!r}: {_one_line(exc)}") from None
+            raise ResultsError(f"cannot open storage {location!r}: {first_line(exc)}") from None
     import os
 
     return pafs.LocalFileSystem(), os.path.abspath(location)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _visible_parquet(info: pafs.FileInfo) -> bool:
@@ -111,7 +107,7 @@ def _list_dir(storage: str, study: str, directory: str) -> tuple[pafs.FileSystem
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     except Exception as exc:
-        raise ResultsError(f"cannot list results of study '{study}' in {storage}: {_one_line(exc)}") from None
+        raise ResultsError(f"cannot list results of study '{study}' in {storage}: {first_line(exc)}") from None
     return fs, sorted((i for i in infos if _visible_parquet(i)), key=lambda i: i.base_name)
 
 
@@ -161,7 +157,7 @@ def write_encoded(storage: str, study: str, config_hash: str, data: bytes, eval_
     try:
         storage_mod.write_atomic(fs, dir_path, name, data)
     except Exception as exc:
-        raise ResultsError(f"cannot write results file {final_uri}: {_one_line(exc)}") from None
+        raise ResultsError(f"cannot write results file {final_uri}: {first_line(exc)}") from None
     if eval_hash is None:  # the same trial's own file in the earlier layout is replaced by this one
         _, old_dir = _resolve(old_study_dir(storage, study))
         old = f"{old_dir}/{config_hash}.parquet"
@@ -231,7 +227,7 @@ def migrate(storage: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
     except Exception as exc:
-        raise ResultsError(f"cannot list {results_dir(storage)}: {_one_line(exc)}") from None
+        raise ResultsError(f"cannot list {results_dir(storage)}: {first_line(exc)}") from None
     moved = []
     prefix = f"{OLD_PARTITION_KEY}="
     for info in infos:
@@ -279,7 +275,7 @@ def _read_file(fs: pafs.FileSystem, path: str, shown: str, study: str) -> pa.Tab
             table = pq.read_table(f)
     except Exception as exc:  # ArrowInvalid for a bad footer, OSError for corrupt pages or I/O
         raise ResultsError(
-            f"results file {shown} is corrupt or unreadable ({_one_line(exc)}); if it is corrupt, {fix}"
+            f"results file {shown} is corrupt or unreadable ({first_line(exc)}); if it is corrupt, {fix}"
         ) from None
     missing = [n for n in COLUMNS if n not in table.column_names]
     required = [n for n in missing if n in REQUIRED_COLUMNS]
@@ -291,7 +287,7 @@ def _read_file(fs: pafs.FileSystem, path: str, shown: str, study: str) -> pa.Tab
     try:
         table = table.select(list(COLUMNS)).cast(SCHEMA)
     except Exception as exc:
-        raise ResultsError(f"results file {shown} has wrong column types ({_one_line(exc)}): {fix}") from None
+        raise ResultsError(f"results file {shown} has wrong column types ({first_line(exc)}): {fix}") from None
     # The partition directory is authoritative for the study name.
     table = table.set_column(0, "study", pa.array([study] * table.num_rows, type=pa.string()))
     return table
@@ -372,7 +368,7 @@ def write_grid(storage: str, study: str, scale: str, spec_text: str, cells: dict
     try:
         storage_mod.write_atomic(fs, folder, name, data)
     except Exception as exc:
-        raise ResultsError(f"cannot write {uri}: {_one_line(exc)}") from None
+        raise ResultsError(f"cannot write {uri}: {first_line(exc)}") from None
     return uri
 
 

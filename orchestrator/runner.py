@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 import pyarrow.fs as pafs
 
 from . import preflight, results, storage as storage_mod, tracking
-from .errors import UserError
+from .errors import UserError, last_line
 from .spec import StudySpec, Trial
 
 if TYPE_CHECKING:  # Ray Tune's modules: imported once the checks passed (start)
@@ -401,8 +401,7 @@ def count_results(spec: StudySpec, work: Plan, grid, outcome: StudyOutcome) -> N
     for result in grid:
         metrics = result.metrics or {}
         if result.error is not None:
-            outcome.failed.append(f"{result.path}: {type(result.error).__name__}: "
-                                  f"{str(result.error).strip().splitlines()[-1] if str(result.error) else ''}")
+            outcome.failed.append(f"{result.path}: {last_line(result.error)}")
             continue
         if metrics.get("config_hash") in done_before:
             continue  # finished by the interrupted invocation (--resume); counted as skipped
