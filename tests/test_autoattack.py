@@ -17,7 +17,7 @@ from trainables.apgd import apgd, apgd_checkpoints, apgd_targeted
 from trainables.autoattack import STANDARD, autoattack
 from trainables.dlr import dlr_loss, dlr_targeted_loss
 from trainables.evaluate import robust_accuracy_curve
-from trainables.fab import fab_targeted, project_on_hyperplane_in_box
+from trainables.fab import FabSearches, fab_targeted, project_on_hyperplane_in_box
 from trainables.square import square, square_fraction
 
 N = 200
@@ -122,6 +122,33 @@ def test_fab_returns_only_adversarial_examples_inside_the_ball(fmnist_adversaria
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():
         assert (fmnist_adversarial_cnn(x_adv[changed]).argmax(1) != y[changed]).all()
+
+
+def test_fab_searches_kept_across_eps_fool_the_same_examples_and_skip_searched_targets(fmnist_adversarial_cnn,
+                                                                                       batch):
+    # FAB-T's search does not use ε: with the searches of a smaller ε kept, a larger ε finds an
+    # adversarial example within ε for exactly the examples a fresh FAB-T finds one for, and the
+    # targets already searched are not run again. (Which examples FAB returns changed is compared,
+    # not a second forward pass: FAB's points lie on the boundary, where another batch can flip them.)
+    model = Recorder(fmnist_adversarial_cnn)
+    x, y = batch[0][:48], batch[1][:48]
+    small, large = 0.05, 0.12
+
+    def changed(x_adv):
+        return (x_adv != x).flatten(1).any(1)
+
+    fresh = fab_targeted(model, x, y, "linf", large, steps=8, n_target_classes=3, fold_bn=False)
+    fresh_calls = len(model.inputs)
+    searches = FabSearches.for_images(x)
+    at_small = fab_targeted(model, x, y, "linf", small, steps=8, n_target_classes=3, fold_bn=False,
+                            searches=searches)
+    model.inputs.clear()
+    kept = fab_targeted(model, x, y, "linf", large, steps=8, n_target_classes=3, fold_bn=False, searches=searches)
+    assert changed(at_small).sum() < changed(kept).sum()
+    assert torch.equal(changed(kept), changed(fresh))
+    assert ((kept - x).abs().flatten(1).amax(1) <= large * (1 + 1e-5)).all()
+    assert len(model.inputs) < fresh_calls / 2
+    assert searches.searched.max() == 3
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from .apgd import apgd, apgd_targeted
 from .attack_inputs import check_attack_input
 from .attacks import batchnorm_mode
-from .fab import fab_targeted
+from .fab import FabSearches, fab_targeted
 from .folding import folded_for_eval
 from .square import square
 
@@ -30,12 +30,14 @@ def autoattack(
     init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     fold_bn: bool = True,
+    fab_searches: FabSearches | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `attacks` in order, each on the examples still classified correctly.
 
     x: (N, ...) images in [0, 1]; y: (N,) labels; eps in pixel units of `norm`. `steps`: APGD and
     FAB iterations (100 in the standard version); `n_target_classes`: targets of APGD-T and FAB-T
-    (9); `n_queries`: Square's budget (5000); `init`: APGD's starting δ (N, ...).
+    (9); `n_queries`: Square's budget (5000); `init`: APGD's starting δ (N, ...); `fab_searches` (one row per
+    row of x): FAB-T's searches kept across the ε of a curve (trainables.fab.FabSearches).
     Returns (x_adv (N, ...), fooled_by (N,) int64): fooled_by[i] is the index in `attacks` of the
     first attack that fooled example i, −1 where none did or the clean image is already
     misclassified (x_adv = x there). Raises ValueError for images outside [0, 1], ε < 0, NaN.
@@ -68,7 +70,8 @@ def autoattack(
             x_adv = apgd_targeted(model, xs, ys, norm, eps, steps, n_target_classes, init=start,
                                   generator=generator, fold_bn=False)
         elif name == "fab_t":
-            x_adv = fab_targeted(model, xs, ys, norm, eps, steps, n_target_classes, fold_bn=False)
+            x_adv = fab_targeted(model, xs, ys, norm, eps, steps, n_target_classes, fold_bn=False,
+                                 searches=None if fab_searches is None else fab_searches.select(idx))
         else:
             x_adv = square(model, xs, ys, norm, eps, n_queries, generator=generator, fold_bn=False)
         fooled = predict(x_adv) != ys

@@ -16,6 +16,7 @@ import torch
 from .attack_inputs import check_attack_input
 from .attacks import Objective, cross_entropy_objective, pgd, random_delta
 from .autoattack import APGD_ONLY, STANDARD, autoattack
+from .fab import FabSearches
 from .corruptions import corruption_accuracy
 from .correct_bits import pack_correct
 from .device import autocast
@@ -72,7 +73,9 @@ def robust_accuracy_curve(
 
     ε is taken in ascending order and only the examples still classified correctly are attacked:
     an example fooled inside a small ball is fooled inside every larger one, so this is exact,
-    makes the curve monotone and skips most of the work on weak models. `attack_all=True` attacks
+    makes the curve monotone and skips most of the work on weak models. FAB-T's search does not
+    depend on ε, so it runs once per (example, target) for the whole curve (trainables.fab.FabSearches)
+    and the curve's FAB-T gives each ε what a fresh FAB-T gives it. `attack_all=True` attacks
     every example at every ε (the reference the benchmark compares against).
     Each example gets the same random start whichever subset it is attacked in, so the two modes
     differ only by what they skip. `stop_on_success` counts an example as fooled at the first PGD
@@ -105,6 +108,8 @@ def robust_accuracy_curve(
     clean_correct = classify(x, 0.0) == y
     clean_acc = fraction(clean_correct)
     still_correct = clean_correct.clone()
+    # FAB-T's search does not depend on ε: each (example, target) is searched once for the whole curve
+    fab_searches = FabSearches.for_images(x) if attack == "autoattack" else None
     records = []
     for eps in sorted(float(e) for e in eps_grid):
         if eps == 0:
@@ -126,6 +131,7 @@ def robust_accuracy_curve(
                     _, fooled_by = autoattack(
                         model, x[batch], y[batch], norm, eps, members, apgd_steps, target_classes,
                         square_queries, init=None if starts is None else starts[batch], generator=generator,
+                        fab_searches=None if fab_searches is None else fab_searches.select(batch),
                     )
                 correct_now[batch] = fooled_by < 0
                 taken += torch.bincount(fooled_by[fooled_by >= 0].cpu(), minlength=len(members))
