@@ -1,5 +1,5 @@
 """Fixtures shared by the tests: trained models (test_attacks, test_ssl_objectives, test_train),
-one local Ray for the session with a study workspace per test (the end-to-end study tests), torch
+one local Ray per pytest process with a study workspace per test (the end-to-end study tests), torch
 thread settings per test, and the rule that marks the tests using the first two `slow`.
 
 Two small_cnn models trained once per session for two epochs on a 3,000-image Fashion-MNIST subset
