@@ -192,7 +192,7 @@ def fab_targeted(
             x_adv, dist = _fab_run(model, x[idx], y[idx], order[idx, rank], norm, steps)
             if searches is not None:
                 store = rows[idx]
-                searches.searched[store] = torch.maximum(searches.searched[store], torch.tensor(rank))
+                searches.searched[store] = searches.searched[store].clamp_min(rank)
                 better = dist < searches.best_norm[store]
                 searches.best[store[better]] = x_adv[better]
                 searches.best_norm[store[better]] = dist[better]
