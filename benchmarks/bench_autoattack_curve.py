@@ -6,7 +6,8 @@ torchattacks counterpart.
 Model: small_cnn PGD-3 adversarially trained at ε = 0.1 with the project's Trainer (3,000
 Fashion-MNIST images, 2 epochs, as the tests' session model). Ours: `robust_accuracy_curve(...,
 attack="autoattack")` over the 6 positive ε of the default Fashion-MNIST l∞ grid, ascending, each
-ε attacking only the examples still robust. Reference: AutoAttack's standard version built from
+ε attacking only the examples still robust (and FAB-T searching each example's targets once for the
+whole curve). Reference: AutoAttack's standard version built from
 torchattacks 3.5.1's APGD, APGDT, FAB and Square at the published budgets (`torchattacks_autoattack`;
 that library's own `AutoAttack(version="standard")` runs 10 steps, not 100), run on all examples at
 each ε separately (what a user of that library does). Targets:
