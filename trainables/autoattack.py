@@ -36,8 +36,9 @@ def autoattack(
 
     x: (N, ...) images in [0, 1]; y: (N,) labels; eps in pixel units of `norm`. `steps`: APGD and
     FAB iterations (100 in the standard version); `n_target_classes`: targets of APGD-T and FAB-T
-    (9); `n_queries`: Square's budget (5000); `init`: APGD's starting δ (N, ...); `fab_searches` (one row per
-    row of x): FAB-T's searches kept across the ε of a curve (trainables.fab.FabSearches).
+    (9); `n_queries`: Square's budget (5000); `init`: APGD's starting δ (N, ...);
+    `fab_searches` (one row per row of x): FAB-T's searches kept across the ε of a curve
+    (trainables.fab.FabSearches).
     Returns (x_adv (N, ...), fooled_by (N,) int64): fooled_by[i] is the index in `attacks` of the
     first attack that fooled example i, −1 where none did or the clean image is already
     misclassified (x_adv = x there). Raises ValueError for images outside [0, 1], ε < 0, NaN.

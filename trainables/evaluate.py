@@ -16,10 +16,10 @@ import torch
 from .attack_inputs import check_attack_input
 from .attacks import Objective, cross_entropy_objective, pgd, random_delta
 from .autoattack import APGD_ONLY, STANDARD, autoattack
-from .fab import FabSearches
 from .corruptions import corruption_accuracy
 from .correct_bits import pack_correct
 from .device import autocast
+from .fab import FabSearches
 from .records import EvalRecord
 
 EVAL_ATTACKS = ("pgd", "apgd", "autoattack")
