@@ -35,7 +35,7 @@ def connect_ray(address: str | None) -> None:
         token_hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
             "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
             "(docs/cluster.md)")
-        raise UserError(f"cannot reach a Ray cluster at --address {address}: {str(err).splitlines()[0]}; "
+        raise UserError(f"cannot reach a Ray cluster at --address {address}: {first_line(err)}; "
                         f"start one with `ray start --head` or `ray up cluster.yaml`, or drop --address "
                         f"to run on this machine{token_hint}") from None
     except Exception as err:  # noqa: BLE001 - ray raises many types for a bad address
