@@ -182,13 +182,13 @@ def fab_targeted(
                 out[again] = x[again]
                 robust &= ~found | again
         for rank in range(1, min(n_target_classes, logits.shape[1] - 1) + 1):
+            if not robust.any():
+                break
             # a target searched before found nothing within the smaller ε it ran at, nor within this one
             todo = robust if searches is None else robust & ((searches.searched[rows] < rank) | again)
             idx = todo.nonzero().flatten()
             if len(idx) == 0:
-                if robust.any():
-                    continue
-                break
+                continue
             x_adv, dist = _fab_run(model, x[idx], y[idx], order[idx, rank], norm, steps)
             if searches is not None:
                 store = rows[idx]
