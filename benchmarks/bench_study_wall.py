@@ -79,7 +79,9 @@ def main() -> int:
     args = parser.parse_args()
     trials, at_once = slots(args.study, args.scale, args.sets, args.max_concurrent)
     if args.keep is not None:
-        args.keep.mkdir(parents=True)  # refuses an existing folder: earlier results would be reused
+        if args.keep.exists():  # its earlier results would be reused, not measured
+            parser.error(f"--keep {args.keep}: already exists; give a new folder")
+        args.keep.mkdir(parents=True)
     with (contextlib.nullcontext(str(args.keep)) if args.keep else
           tempfile.TemporaryDirectory(prefix="bench-study-wall-")) as folder:
         work_dir = Path(folder).resolve()
