@@ -30,6 +30,8 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from trainables.records import masking_tags
+
 from . import liveness, models_store, results, run_id_file, storage as storage_mod, tracking
 from .metrics import exact_number, summary_metrics, trial_metrics
 from .mlflow_writer import BackgroundWriter
@@ -292,8 +294,6 @@ class StudyTracking(Callback):
         self._cell_results[run.name] = summary_metrics(run.config, records)  # the parent's summary
 
         def log(c):  # (what fails in here, reading included, is the trial's tracking failure)
-            from trainables.masking import masking_tags  # (imports torch: not at the driver's start)
-
             now = int(time.time() * 1000)
             metrics = [Metric(n, v, now, s) for n, v, s in trial_metrics(run.config, records)]
             fs, path = storage_mod.filesystem_and_path(

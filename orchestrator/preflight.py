@@ -5,6 +5,8 @@ any trial exist, instead of a traceback from a Ray worker.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import socket
 import sys
@@ -20,6 +22,37 @@ from .spec import Trial
 # ----------------------------------------------------------------------------- Ray (once the checks passed)
 
 
+def trial_modules() -> list[str]:
+    """What a trial's worker imports before it trains: torch and Ray Tune, and the project's trial
+    code when the project is installed (`pip install -e .`), so that a worker can find it before it
+    knows the driver's working directory (Ray prints a traceback per worker for a module it cannot
+    import)."""
+    modules = ["torch", "ray.tune"]
+    try:
+        importlib.metadata.distribution("sslrobust")
+    except importlib.metadata.PackageNotFoundError:
+        return modules
+    return modules + ["orchestrator.trainable", "trainables.train"]
+
+
+@contextlib.contextmanager
+def _workers_preloading(modules: list[str]):
+    """Let the local Ray started inside the block import `modules` in its workers as they boot
+    (Ray's `preload_python_modules` setting, read from the raylet's environment). Ray starts one
+    idle worker per CPU and Tune starts its trial actors on them, so the ~4 s of a trial's imports
+    overlap the driver's MLflow set-up instead of following Tune's start (benchmarks/RESULTS.md
+    §10). A RAY_preload_python_modules the user set wins; the driver's environment is restored."""
+    key = "RAY_preload_python_modules"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = ",".join(modules)
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def connect_ray(address: str | None) -> None:
     import ray
 
@@ -30,7 +63,8 @@ def connect_ray(address: str | None) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             # A local Ray of this machine; its dashboard (if installed) listens on 127.0.0.1 only.
-            ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+            with _workers_preloading(trial_modules()):
+                ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
     except ConnectionError as err:
         token_hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
             "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "

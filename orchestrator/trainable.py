@@ -24,7 +24,7 @@ from ray import tune
 
 from trainables.config import resolve
 from trainables.datafiles import DatasetUnavailable
-from trainables.masking import masking_tags
+from trainables.records import masking_tags
 
 from . import models_store, results, run_id_file
 from .cell_lease import CellLease

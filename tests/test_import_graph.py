@@ -4,6 +4,8 @@ functions count too, since they are how cycles hide."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,3 +94,20 @@ def test_relative_and_function_level_imports_are_edges():
 def test_no_import_cycle_in_the_packages():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# What the study command's driver imports at module level before its first trial starts: it
+# hands `run_trial` to Ray and sets up MLflow, and never runs a model, so torch (~2.5 s of CPU on
+# this 2-core machine, taken from the trial workers that import it at the same time) stays out.
+DRIVER_MODULES = ("orchestrator.study", "orchestrator.runner", "orchestrator.preflight",
+                  "orchestrator.mlflow_callback", "orchestrator.trainable", "orchestrator.trial_setup",
+                  "orchestrator.summary", "orchestrator.progress", "orchestrator.search")
+
+
+def test_the_driver_imports_no_torch_before_its_trials():
+    code = ("import importlib, sys\n"
+            f"for name in {DRIVER_MODULES!r}: importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout[:500]

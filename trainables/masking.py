@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from .apgd import apgd
 from .attacks import cross_entropy_objective, pgd
-from .records import ROBUSTNESS, row_kind
 from .square import square
 
 CHECKS = ("zero_gradient", "randomised_output", "probability_output", "large_eps_not_zero",
@@ -103,13 +102,3 @@ def masking_checks(
 def fired(result: dict) -> list[str]:
     """The names of the checks in `result` (from masking_checks) that fired, in CHECKS order."""
     return [name for name in CHECKS if result.get(name) is True]
-
-
-def masking_tags(records: list[dict]) -> dict[str, str]:
-    """{"gradient_masking/<norm>": checks that fired, comma-separated} over a trial's records
-    (their `masking_flags`), only for norms where a check fired: the tags of the trial's run."""
-    tags: dict[str, str] = {}
-    for r in records:
-        if r.get("masking_flags") and r.get("norm") and row_kind(r) == ROBUSTNESS:
-            tags[f"gradient_masking/{r['norm']}"] = r["masking_flags"]
-    return tags

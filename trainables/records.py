@@ -114,3 +114,14 @@ _COLUMN_SET = frozenset(EVAL_COLUMNS)
 def row_kind(row: Mapping[str, Any]) -> str:
     """`EvalRecord.kind` of a record or a result row (missing values may be None, NaN or pd.NA)."""
     return (row if isinstance(row, EvalRecord) else EvalRecord.from_row(row)).kind
+
+
+def masking_tags(records: list[dict]) -> dict[str, str]:
+    """{"gradient_masking/<norm>": checks that fired, comma-separated} over a trial's records
+    (their `masking_flags`, from trainables.masking), only for norms where a check fired: the
+    tags of the trial's run. Here, not beside the checks, so the driver never imports torch."""
+    tags: dict[str, str] = {}
+    for r in records:
+        if r.get("masking_flags") and r.get("norm") and row_kind(r) == ROBUSTNESS:
+            tags[f"gradient_masking/{r['norm']}"] = r["masking_flags"]
+    return tags
