@@ -1,8 +1,10 @@
 """The local Ray the study command starts: its workers import what a trial imports as they boot
-(orchestrator.preflight.connect_ray), without leaving the setting in the driver's environment."""
+when a trial will run on each of them (orchestrator.preflight), without leaving the setting in the
+driver's environment."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +14,22 @@ import pytest
 from orchestrator.preflight import trial_modules
 
 ROOT = Path(__file__).resolve().parent.parent
+CPUS = os.cpu_count() or 1
+CPU_TRIAL = {"cpu": 1, "gpu": 0}
 
 
-def test_the_trial_modules_are_importable_and_include_the_trial_code():
-    modules = trial_modules()
+def test_the_workers_preload_the_trial_code_when_a_trial_runs_on_each_and_nothing_otherwise():
+    modules = trial_modules(CPU_TRIAL, trials_to_run=CPUS + 3, max_concurrent=None)
+    assert {"torch", "ray.tune", "orchestrator.trainable"} <= set(modules)  # the project is installed here
     # a name Ray cannot import prints a traceback from every worker to the console
     assert all(importlib.util.find_spec(name) is not None for name in modules), modules
-    assert {"torch", "orchestrator.trainable"} <= set(modules)  # the project is installed in the venv
+    assert trial_modules(CPU_TRIAL, trials_to_run=CPUS, max_concurrent=CPUS) == modules
+    # an idle worker with torch loaded and no trial to run: GPU trials, fewer trials than CPUs
+    assert trial_modules({"cpu": 1, "gpu": 0.5}, trials_to_run=CPUS + 3, max_concurrent=None) == []
+    if CPUS > 1:
+        assert trial_modules(CPU_TRIAL, trials_to_run=CPUS - 1, max_concurrent=None) == []
+        assert trial_modules(CPU_TRIAL, trials_to_run=CPUS + 3, max_concurrent=CPUS - 1) == []
+        assert trial_modules({"cpu": 2, "gpu": 0}, trials_to_run=CPUS + 3, max_concurrent=None) == []
 
 
 WORKER_CHECK = r"""
@@ -26,7 +37,7 @@ import os, sys
 import ray
 from orchestrator.preflight import connect_ray
 
-connect_ray(None)
+connect_ray(None, preload=["torch", "ray.tune", "orchestrator.trainable"])
 assert "RAY_preload_python_modules" not in os.environ, "left in the driver's environment"
 
 @ray.remote(num_cpus=1)
@@ -43,7 +54,7 @@ ray.shutdown()
 
 
 @pytest.mark.slow
-def test_an_actor_on_the_local_ray_starts_with_the_trial_modules_imported():
+def test_an_actor_on_the_local_ray_starts_with_the_preloaded_modules_imported():
     done = subprocess.run([sys.executable, "-c", WORKER_CHECK], cwd=ROOT, capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
