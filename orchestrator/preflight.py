@@ -22,7 +22,7 @@ from .spec import Trial
 # ----------------------------------------------------------------------------- Ray (once the checks passed)
 
 
-def trial_modules(resources: dict, trials_to_run: int, max_concurrent: int | None) -> list[str]:
+def modules_to_preload(resources: dict, trials_to_run: int, max_concurrent: int | None) -> list[str]:
     """What the workers of a local Ray should import as they boot: what a trial imports before it
     trains (torch, Ray Tune, and the project's trial code when the project is installed, `pip
     install -e .`, so that a worker finds it before it knows the driver's working directory).
@@ -65,7 +65,7 @@ def _workers_preloading(modules: list[str]):
 
 def connect_ray(address: str | None, preload: list[str] | None = None) -> None:
     """Connect to the Ray at `address`, or start a local one whose workers import `preload` as they
-    boot (`trial_modules`). Raises UserError (one line) for an address it cannot reach."""
+    boot (`modules_to_preload`). Raises UserError (one line) for an address it cannot reach."""
     import ray
 
     if ray.is_initialized():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.preflight import trial_modules
+from orchestrator.preflight import modules_to_preload
 
 ROOT = Path(__file__).resolve().parent.parent
 CPUS = os.cpu_count() or 1
@@ -19,17 +19,17 @@ CPU_TRIAL = {"cpu": 1, "gpu": 0}
 
 
 def test_the_workers_preload_the_trial_code_when_a_trial_runs_on_each_and_nothing_otherwise():
-    modules = trial_modules(CPU_TRIAL, trials_to_run=CPUS + 3, max_concurrent=None)
+    modules = modules_to_preload(CPU_TRIAL, trials_to_run=CPUS + 3, max_concurrent=None)
     assert {"torch", "ray.tune", "orchestrator.trainable"} <= set(modules)  # the project is installed here
     # a name Ray cannot import prints a traceback from every worker to the console
     assert all(importlib.util.find_spec(name) is not None for name in modules), modules
-    assert trial_modules(CPU_TRIAL, trials_to_run=CPUS, max_concurrent=CPUS) == modules
+    assert modules_to_preload(CPU_TRIAL, trials_to_run=CPUS, max_concurrent=CPUS) == modules
     # an idle worker with torch loaded and no trial to run: GPU trials, fewer trials than CPUs
-    assert trial_modules({"cpu": 1, "gpu": 0.5}, trials_to_run=CPUS + 3, max_concurrent=None) == []
+    assert modules_to_preload({"cpu": 1, "gpu": 0.5}, trials_to_run=CPUS + 3, max_concurrent=None) == []
     if CPUS > 1:
-        assert trial_modules(CPU_TRIAL, trials_to_run=CPUS - 1, max_concurrent=None) == []
-        assert trial_modules(CPU_TRIAL, trials_to_run=CPUS + 3, max_concurrent=CPUS - 1) == []
-        assert trial_modules({"cpu": 2, "gpu": 0}, trials_to_run=CPUS + 3, max_concurrent=None) == []
+        assert modules_to_preload(CPU_TRIAL, trials_to_run=CPUS - 1, max_concurrent=None) == []
+        assert modules_to_preload(CPU_TRIAL, trials_to_run=CPUS + 3, max_concurrent=CPUS - 1) == []
+        assert modules_to_preload({"cpu": 2, "gpu": 0}, trials_to_run=CPUS + 3, max_concurrent=None) == []
 
 
 WORKER_CHECK = r"""
