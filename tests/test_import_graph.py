@@ -1,12 +1,15 @@
 """The modules of trainables/ and orchestrator/ import one another without a cycle (issue 19): a
 module never depends, directly or through others, on a module that depends on it. Imports inside
-functions count too, since they are how cycles hide."""
+functions count too, since they are how cycles hide. And the study command's driver imports no
+torch before its trials start."""
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trainables", "orchestrator")
@@ -104,6 +107,7 @@ DRIVER_MODULES = ("orchestrator.study", "orchestrator.runner", "orchestrator.pre
                   "orchestrator.summary", "orchestrator.progress", "orchestrator.search")
 
 
+@pytest.mark.slow  # a fresh interpreter importing Ray Tune, MLflow and pandas: seconds
 def test_the_driver_imports_no_torch_before_its_trials():
     code = ("import importlib, sys\n"
             f"for name in {DRIVER_MODULES!r}: importlib.import_module(name)\n"
