@@ -5,8 +5,6 @@ any trial exist, instead of a traceback from a Ray worker.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import os
 import socket
 import sys
@@ -22,50 +20,7 @@ from .spec import Trial
 # ----------------------------------------------------------------------------- Ray (once the checks passed)
 
 
-def modules_to_preload(resources: dict, trials_to_run: int, max_concurrent: int | None) -> list[str]:
-    """What the workers of a local Ray should import as they boot: what a trial imports before it
-    trains (torch, Ray Tune, and the project's trial code when the project is installed, `pip
-    install -e .`, so that a worker finds it before it knows the driver's working directory).
-
-    Ray starts one idle worker per CPU and Tune starts its trial actors on them, so this pays only
-    when a trial runs on every one: CPU trials (`resources` {"cpu": 1, "gpu": 0}) at least as many
-    at once as this machine has CPUs. Otherwise (GPU trials, --max-concurrent, few trials) the list
-    is empty: each idle worker would hold torch (~0.4 GB) and its import's CPU for nothing."""
-    cpus = os.cpu_count() or 1
-    if resources.get("gpu", 0) > 0 or resources.get("cpu", 0) <= 0:
-        return []
-    at_once = min(trials_to_run, max_concurrent or trials_to_run, int(cpus // resources["cpu"]))
-    if at_once < cpus:
-        return []
-    modules = ["torch", "ray.tune"]
-    try:
-        importlib.metadata.distribution("sslrobust")
-    except importlib.metadata.PackageNotFoundError:
-        return modules  # Ray prints a traceback from every worker for a module it cannot import
-    return modules + ["orchestrator.trainable", "trainables.train"]
-
-
-@contextlib.contextmanager
-def _workers_preloading(modules: list[str]):
-    """Let the local Ray started inside the block import `modules` in its workers as they boot
-    (Ray's `preload_python_modules` setting, read from the raylet's environment), so that a trial's
-    ~4 s of imports overlap the driver's MLflow set-up instead of following Tune's start
-    (benchmarks/RESULTS.md §10). A RAY_preload_python_modules the user set wins; the driver's
-    environment is restored."""
-    key = "RAY_preload_python_modules"
-    if not modules or key in os.environ:
-        yield
-        return
-    os.environ[key] = ",".join(modules)
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
-
-
-def connect_ray(address: str | None, preload: list[str] | None = None) -> None:
-    """Connect to the Ray at `address`, or start a local one whose workers import `preload` as they
-    boot (`modules_to_preload`). Raises UserError (one line) for an address it cannot reach."""
+def connect_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -75,8 +30,7 @@ def connect_ray(address: str | None, preload: list[str] | None = None) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             # A local Ray of this machine; its dashboard (if installed) listens on 127.0.0.1 only.
-            with _workers_preloading(preload or []):
-                ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+            ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
     except ConnectionError as err:
         token_hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
             "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "

@@ -260,8 +260,7 @@ def start(spec: StudySpec, options: RunOptions, work: Plan, out) -> Invocation |
         if not ray.is_initialized():  # else check_cluster_resources asks the Ray we are part of
             preflight.check_local_gpus(work.resources)
         preflight.check_datasets(work.pending, spec.fixed, options.data_dir)
-    preflight.connect_ray(options.address, preload=preflight.modules_to_preload(
-        work.resources, spec.search.num_samples if spec.search else len(work.pending), options.max_concurrent))
+    preflight.connect_ray(options.address)
     preflight.check_cluster_resources(work.resources, autoscaling=bool(options.address), out=out)
     results.migrate(work.storage)  # an earlier version's results/study=NAME/ folders, for every reader
 
