@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib
 import json
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
@@ -242,6 +244,42 @@ def _nothing_to_run(spec: StudySpec, work: Plan, out) -> None:
           f"(add values to a factor or seeds to run more)", file=out)
 
 
+def _driver_modules(tracking_uri: str) -> list[str]:
+    """What the driver imports between Ray's start and the first trial: Ray Tune, MLflow's client
+    and its store for ``tracking_uri``, and this package's modules that use them."""
+    store = "rest_store" if tracking.is_http(tracking_uri) else "sqlalchemy_store"
+    return ["ray.tune", "mlflow.tracking", f"mlflow.store.tracking.{store}",
+            *(f"{__package__}.{name}" for name in ("mlflow_callback", "trainable", "trial_setup", "summary"))]
+
+
+@contextlib.contextmanager
+def _importing_meanwhile(modules: list[str]):
+    """Import ``modules`` on a thread while the body runs.
+
+    While a local Ray starts (~4 s), the driver mostly waits on Ray's processes and leaves a core
+    idle; these imports (~2.3 s of CPU) fill it instead of following it. The smoke study's first
+    trial started 10.1 s after the command instead of 9.3 s (mean of 3 runs; stage timestamps), and
+    the default weight_sweep's wall / ideal fell below 1.08 with the prestart of
+    preflight.connect_ray (benchmarks/bench_study_wall.py, RESULTS.md §10). Imports write nothing,
+    so a bad input found in the body still leaves nothing behind; a failed import is left to the
+    driver's own import, which raises it with its traceback."""
+    def import_all() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - see the docstring
+                return
+
+    thread = threading.Thread(target=import_all, name="sslrobust-imports", daemon=True)
+    if modules:
+        thread.start()
+    try:
+        yield
+    finally:
+        if modules:
+            thread.join()
+
+
 def start(spec: StudySpec, options: RunOptions, work: Plan, out) -> Invocation | None:
     """Check everything that can be checked, connect to Ray, start the MLflow parent run; None when
     the grid has nothing left to run (and no --resume)."""
@@ -252,15 +290,18 @@ def start(spec: StudySpec, options: RunOptions, work: Plan, out) -> Invocation |
     check_resume_grid(spec, work.pending, restore_path)
     if spec.search is None and not work.pending and not options.resume:
         return None
+    starts_local_ray = False
     if options.address:
         preflight.check_ray_address(options.address)
     else:  # on a cluster the workers find (or download) the data and the autoscaler adds GPUs
         import ray
 
-        if not ray.is_initialized():  # else check_cluster_resources asks the Ray we are part of
+        starts_local_ray = not ray.is_initialized()
+        if starts_local_ray:  # else check_cluster_resources asks the Ray we are part of
             preflight.check_local_gpus(work.resources)
         preflight.check_datasets(work.pending, spec.fixed, options.data_dir)
-    preflight.connect_ray(options.address)
+    with _importing_meanwhile(_driver_modules(tracking_uri) if starts_local_ray else []):
+        preflight.connect_ray(options.address)
     preflight.check_cluster_resources(work.resources, autoscaling=bool(options.address), out=out)
     results.migrate(work.storage)  # an earlier version's results/study=NAME/ folders, for every reader
 
