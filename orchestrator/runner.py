@@ -258,11 +258,11 @@ def _importing_meanwhile(modules: list[str]):
 
     While a local Ray starts (~4 s), the driver mostly waits on Ray's processes and leaves a core
     idle; these imports (~2.3 s of CPU) fill it instead of following it. The smoke study's first
-    trial started 10.1 s after the command instead of 9.3 s (mean of 3 runs; stage timestamps), and
-    the default weight_sweep's wall / ideal fell below 1.08 with the prestart of
-    preflight.connect_ray (benchmarks/bench_study_wall.py, RESULTS.md §10). Imports write nothing,
-    so a bad input found in the body still leaves nothing behind; a failed import is left to the
-    driver's own import, which raises it with its traceback."""
+    trial started 9.3 s after the command instead of 10.1 s (mean of 3 runs; stage timestamps);
+    with preflight.connect_ray's Ray started without idle workers as well, the default weight_sweep's
+    wall / ideal went from 1.08-1.10 to 1.066-1.078 (benchmarks/bench_study_wall.py, RESULTS.md §10).
+    Imports write nothing, so a bad input found in the body still leaves nothing behind; a failed
+    import is left to the driver's own import, which raises it with its traceback."""
     def import_all() -> None:
         for name in modules:
             try:

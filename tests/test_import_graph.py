@@ -1,10 +1,11 @@
 """The modules of trainables/ and orchestrator/ import one another without a cycle (issue 19): a
 module never depends, directly or through others, on a module that depends on it. Imports inside
 functions count too, since they are how cycles hide. And the study command's driver imports no
-torch before its trials start."""
+torch before its trials start, and does its later imports while its local Ray starts."""
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,51 @@ def test_the_driver_imports_no_torch_before_its_trials():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout[:500]
+
+
+@pytest.mark.slow  # a fresh interpreter starting a local Ray: seconds
+def test_a_local_ray_starts_while_the_driver_imports_and_prestarts_no_idle_workers():
+    """The study's start (orchestrator.runner.start): the driver's later imports happen while the
+    local Ray starts, and that Ray prestarts no workers, which Tune's trial actors (each with a
+    runtime_env) would never use."""
+    code = (
+        "import os, sys, time\n"
+        "from orchestrator import preflight, runner\n"
+        "with runner._importing_meanwhile(runner._driver_modules('sqlite:////nonexistent/mlflow.db')):\n"
+        "    preflight.connect_ray(None)\n"
+        "time.sleep(3)\n"  # prestarted workers would be up by now (they start as the driver registers)
+        "parents = {}\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
+        "        parents[int(pid)] = (int(stat[1]), open(f'/proc/{pid}/cmdline').read())\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "def mine(pid):\n"
+        "    while pid in parents and pid > 1:\n"
+        "        pid = parents[pid][0]\n"
+        "        if pid == os.getpid():\n"
+        "            return True\n"
+        "    return False\n"
+        "print('ray processes', sum(mine(p) for p in parents))\n"
+        "print('idle', sorted(p for p, (_, cmd) in parents.items() if mine(p) and cmd.startswith('ray::IDLE')))\n"
+        "print('imported', all(m in sys.modules for m in ('ray.tune', 'mlflow.store.tracking.sqlalchemy_store',"
+        " 'orchestrator.mlflow_callback')), 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert int(lines[0].split()[-1]) >= 2, done.stdout  # the raylet and the GCS at least: the walk works
+    assert lines[1] == "idle []", done.stdout
+    assert lines[2] == "imported True False", done.stdout
+
+
+def test_a_failed_import_meanwhile_is_left_to_the_drivers_own_import():
+    from orchestrator import runner
+
+    ran = []
+    with runner._importing_meanwhile(["orchestrator.no_such_module", "json"]):
+        ran.append(True)
+    assert ran == [True]
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("orchestrator.no_such_module")
