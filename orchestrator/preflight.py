@@ -34,9 +34,11 @@ def connect_ray(address: str | None) -> None:
             # runtime_env (its env_vars), for which Ray starts new workers, so the prestarted ones
             # (one per CPU) only import Ray (~0.5 s of CPU each) while the study starts, and idle.
             # Without them the smoke study's first trial started 8.0 s after the command instead of
-            # 9.3 s (mean of 3 runs; stage timestamps; RESULTS.md §10).
-            ray.init(dashboard_host="127.0.0.1", log_to_driver=True,
-                     _system_config={"prestart_worker_first_driver": False})
+            # 9.3 s (mean of 3 runs; stage timestamps; RESULTS.md §10). Ray refuses a system config
+            # when RAY_ADDRESS (set inside a Ray job) makes this call join that cluster instead.
+            starts_ray = {} if os.environ.get("RAY_ADDRESS") else {
+                "_system_config": {"prestart_worker_first_driver": False}}
+            ray.init(dashboard_host="127.0.0.1", log_to_driver=True, **starts_ray)
     except ConnectionError as err:
         token_hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
             "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "

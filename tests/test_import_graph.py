@@ -164,3 +164,22 @@ def test_a_failed_import_meanwhile_is_left_to_the_drivers_own_import():
     assert ran == [True]
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("orchestrator.no_such_module")
+
+
+def test_without_address_a_driver_joins_the_cluster_that_RAY_ADDRESS_names(ray_cluster):
+    """Inside a Ray job (`ray job submit` sets RAY_ADDRESS) the study without --address joins that
+    cluster: the local Ray's start options (no prestarted workers) are not passed to it, which Ray
+    would refuse."""
+    import os
+
+    import ray
+
+    code = ("from orchestrator import preflight\n"
+            "preflight.connect_ray(None)\n"
+            "import ray\n"
+            "print(ray.get_runtime_context().gcs_address)\n")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == env["RAY_ADDRESS"], done.stdout
