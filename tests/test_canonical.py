@@ -77,5 +77,5 @@ def test_paired_differences_to_lambda_zero_say_which_exclude_zero(tmp_path, monk
         results.write_trial(storage, "d", t.config_hash,
                             _rows(t.config_hash, t.config, 0.5 + noise[seed] - drop, "d"))
     text = paired_difference_text(spec, results.load("d", storage))
-    assert "λ=2 vs 0 at ε=0.1: lower by 0.040" in text
+    assert "λ=2 vs 0 at ε=0.1: lower, -0.040 [" in text
     assert "λ=0.5 vs 0 at ε=0.1" not in text  # its interval straddles zero

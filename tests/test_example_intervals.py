@@ -112,7 +112,7 @@ def test_table_and_report_give_intervals_over_seeds_and_examples(study, tmp_path
     assert "paired over seeds and examples" in differences
     diff = paired_difference(adv, std)
     assert diff.excludes_zero() and diff.mean > 0  # adversarial training is more robust at ε_train
-    assert f"λ=1 vs 0 at ε=0.1: higher by {diff.mean:.3f} [{diff.low:+.3f}, {diff.high:+.3f}]" in differences
+    assert f"λ=1 vs 0 at ε=0.1: higher, {diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]" in differences
 
     files = build_report("iv", storage, out_dir=str(tmp_path / "report"), table=table)
     page = open(files.html, encoding="utf-8").read()

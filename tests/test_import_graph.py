@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,7 +148,9 @@ def test_a_local_ray_starts_while_the_driver_imports_and_prestarts_no_idle_worke
         "print('imported', all(m in sys.modules for m in ('ray.tune', 'mlflow.store.tracking.sqlalchemy_store',"
         " 'orchestrator.mlflow_callback')), 'torch' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # else it joins that cluster
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env=own_ray)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert int(lines[0].split()[-1]) >= 2, done.stdout  # the raylet and the GCS at least: the walk works
@@ -170,8 +173,6 @@ def test_without_address_a_driver_joins_the_cluster_that_RAY_ADDRESS_names(ray_c
     """Inside a Ray job (`ray job submit` sets RAY_ADDRESS) the study without --address joins that
     cluster: the local Ray's start options (no prestarted workers) are not passed to it, which Ray
     would refuse."""
-    import os
-
     import ray
 
     code = ("from orchestrator import preflight\n"
