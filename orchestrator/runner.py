@@ -270,14 +270,15 @@ def _importing_meanwhile(modules: list[str]):
             except Exception:  # noqa: BLE001 - see the docstring
                 return
 
+    if not modules:
+        yield
+        return
     thread = threading.Thread(target=import_all, name="sslrobust-imports", daemon=True)
-    if modules:
-        thread.start()
+    thread.start()
     try:
         yield
     finally:
-        if modules:
-            thread.join()
+        thread.join()
 
 
 def start(spec: StudySpec, options: RunOptions, work: Plan, out) -> Invocation | None:

@@ -9,6 +9,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,42 +121,32 @@ def test_the_driver_imports_no_torch_before_its_trials():
 
 
 @pytest.mark.slow  # a fresh interpreter starting a local Ray: seconds
-def test_a_local_ray_starts_while_the_driver_imports_and_prestarts_no_idle_workers():
+def test_a_local_ray_starts_while_the_driver_imports_and_prestarts_no_idle_workers(tmp_path):
     """The study's start (orchestrator.runner.start): the driver's later imports happen while the
     local Ray starts, and that Ray prestarts no workers, which Tune's trial actors (each with a
     runtime_env) would never use."""
-    code = (
-        "import os, sys, time\n"
-        "from orchestrator import preflight, runner\n"
-        "with runner._importing_meanwhile(runner._driver_modules('sqlite:////nonexistent/mlflow.db')):\n"
-        "    preflight.connect_ray(None)\n"
-        "time.sleep(3)\n"  # prestarted workers would be up by now (they start as the driver registers)
-        "parents = {}\n"
-        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
-        "    try:\n"
-        "        stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
-        "        parents[int(pid)] = (int(stat[1]), open(f'/proc/{pid}/cmdline').read())\n"
-        "    except OSError:\n"
-        "        pass\n"
-        "def mine(pid):\n"
-        "    while pid in parents and pid > 1:\n"
-        "        pid = parents[pid][0]\n"
-        "        if pid == os.getpid():\n"
-        "            return True\n"
-        "    return False\n"
-        "print('ray processes', sum(mine(p) for p in parents))\n"
-        "print('idle', sorted(p for p, (_, cmd) in parents.items() if mine(p) and cmd.startswith('ray::IDLE')))\n"
-        "print('imported', all(m in sys.modules for m in ('ray.tune', 'mlflow.store.tracking.sqlalchemy_store',"
-        " 'orchestrator.mlflow_callback')), 'torch' in sys.modules)\n"
-    )
-    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # else it joins that cluster
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env=own_ray)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
-    assert int(lines[0].split()[-1]) >= 2, done.stdout  # the raylet and the GCS at least: the walk works
-    assert lines[1] == "idle []", done.stdout
-    assert lines[2] == "imported True False", done.stdout
+    from tests.cluster_helpers import ProcessScope, tail
+
+    code = ("import sys, time\n"
+            "from orchestrator import preflight, runner\n"
+            "with runner._importing_meanwhile(runner._driver_modules('sqlite:////nonexistent/mlflow.db')):\n"
+            "    preflight.connect_ray(None)\n"
+            "print('imported', all(m in sys.modules for m in ('ray.tune', 'mlflow.store.tracking.sqlalchemy_store',"
+            " 'orchestrator.mlflow_callback')), 'torch' in sys.modules, flush=True)\n"
+            "time.sleep(3)\n"  # prestarted workers would be up by now (they start as the driver registers)
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    log = tmp_path / "driver.log"
+    with ProcessScope("driver-start") as scope:  # the driver and the Ray it starts, all stopped after
+        driver = scope.popen([sys.executable, "-c", code], log, cwd=ROOT, env={"RAY_ADDRESS": None})
+        deadline = time.monotonic() + 120
+        while "ready" not in log.read_text() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "ready" in log.read_text(), tail(log)
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in scope.pids() if pid != driver.pid]
+        assert len(commands) >= 2, tail(log)  # the GCS and the raylet at least: the scope sees Ray's processes
+        assert not [c for c in commands if c.startswith(b"ray::IDLE")], commands
+        assert "imported True False" in log.read_text(), tail(log)
 
 
 def test_a_failed_import_meanwhile_is_left_to_the_drivers_own_import():
