@@ -43,6 +43,8 @@ CANDIDATES = {
     "apgd_s100_t3": dict(attack="apgd", apgd_steps=100, target_classes=3),
     "apgd_s50_t5": dict(attack="apgd", apgd_steps=50, target_classes=5),
     "apgd_s75_t3": dict(attack="apgd", apgd_steps=75, target_classes=3),
+    "apgd_s75_t2": dict(attack="apgd", apgd_steps=75, target_classes=2),
+    "apgd_s60_t3": dict(attack="apgd", apgd_steps=60, target_classes=3),
     # AutoAttack's gradient part (APGD-CE, APGD-T over 9 targets, 100 steps each): on CPU the
     # full version's Square (5000 queries per robust point and ε) costs ~240x PGD-10.
     "apgd_s100_t9": dict(attack="apgd", apgd_steps=100, target_classes=9),
@@ -91,7 +93,7 @@ def main() -> None:
         print(f"model {config_hash} λ={config['ssl_weight']} seed={config['seed']} ({len(y)} images); "
               f"ε = {grid}", flush=True)
         if records[-1].get("fooled_by"):
-            print("  autoattack fooled_by:", json.dumps([r.get("fooled_by") for r in records[1:]]), flush=True)
+            print(f"  {names[-1]} fooled_by:", json.dumps([r.get("fooled_by") for r in records[1:]]), flush=True)
         for name in names:
             if reference == "none":
                 print(f"  {name:12s} {' '.join(f'{a:.3f}' for a in curves[name])}  {seconds[name]:.1f} s", flush=True)
