@@ -120,6 +120,10 @@ def test_table_and_report_give_intervals_over_seeds_and_examples(study, tmp_path
     assert "Paired difference to λ = 0 over seeds and test examples" in page
     md = (tmp_path / "report" / "difference_intervals.md").read_text(encoding="utf-8")
     assert f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]" in md
+    # the λ-effect table gives the same interval and verdict at ε_train (= 0.1 here)
+    effect = (tmp_path / "report" / "lambda_effect.md").read_text(encoding="utf-8")
+    assert f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]" in effect and "at: higher" in effect
+    assert "over seeds and test examples (two-way bootstrap), paired over seeds and examples" in effect
 
 
 @pytest.mark.slow
@@ -136,6 +140,11 @@ def test_files_without_the_column_read_it_empty_and_fall_back_to_seeds(study, tm
     assert len(table) == 8 and table["correct"].isna().all()
     text = robustness_table(spec, table)
     assert "95% t-interval over seeds (no per-example results" in text.splitlines()[-1]
+    from orchestrator.report.robustness import lambda_effect_table
+    from orchestrator.report.statistics import prepare
+
+    effect = lambda_effect_table(prepare(table))
+    assert list(effect["interval_at"]) == ["seeds"] and effect["low_at"].iloc[0] < effect["delta_at"].iloc[0]
     # a study half old, half new: the t-interval cells are marked
     mixed = results.load("iv", storage)
     mixed.loc[mixed["ssl_weight"] == 0.0, "correct"] = None

@@ -122,11 +122,13 @@ def test_lambda_effect_recovers_planted_effect(full_study):
         assert row["n_seeds"] == 3 and row["paired"]
         assert row["n_eps_below"] == 2 and row["n_eps_at"] == 1 and row["n_eps_above"] == 2
         # the planted effect lies within the 95% interval (noise sd 0.01, so the interval is tight)
-        assert abs(row["delta_below"] - 0.1 * lam) <= row["ci95_below"]
-        assert abs(row["delta_above"] + 0.2 * lam) <= row["ci95_above"]
-        assert abs(row["delta_at"]) <= row["ci95_at"]
-        assert row["ci95_below"] < 0.05 and row["ci95_above"] < 0.05
+        assert row["low_below"] <= 0.1 * lam <= row["high_below"]
+        assert row["low_above"] <= -0.2 * lam <= row["high_above"]
+        assert row["low_at"] <= 0 <= row["high_at"]
+        assert row["high_below"] - row["low_below"] < 0.1 and row["high_above"] - row["low_above"] < 0.1
         assert row["claim"] == "consistent"
+        # rows without per-example correctness: Student's t over the seeds' paired differences
+        assert {row["interval_below"], row["interval_at"], row["interval_above"]} == {"seeds"}
         # CI by hand: per seed, average (λ − λ=0) over the ε_test below ε_train, then Student's t
         per_seed = []
         for seed in range(3):
@@ -137,7 +139,8 @@ def test_lambda_effect_recovers_planted_effect(full_study):
             per_seed.append(np.mean(a - b))
         assert row["delta_below"] == pytest.approx(np.mean(per_seed))
         hand_ci = stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / math.sqrt(3)
-        assert row["ci95_below"] == pytest.approx(hand_ci)
+        assert row["low_below"] == pytest.approx(np.mean(per_seed) - hand_ci)
+        assert row["high_below"] == pytest.approx(np.mean(per_seed) + hand_ci)
 
 
 def test_robust_vs_eps_figure_has_one_curve_per_lambda(full_study):
@@ -222,7 +225,7 @@ def test_partial_one_seed_study(tmp_path):
     assert all(len(ax.collections) == 0 for ax in fig.axes)  # no bands with one seed
     effect_table = lambda_effect_table(data)
     assert set(effect_table["baseline"]) == {"λ=0", NO_BASELINE}
-    assert effect_table["ci95_below"].isna().all()
+    assert effect_table["low_below"].isna().all() and effect_table["high_below"].isna().all()
 
 
 def test_swept_config_key_is_a_factor_not_a_seed(tmp_path):

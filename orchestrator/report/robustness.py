@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from .labels import NO_BASELINE, ONE_SEED, describe, fmt_eps, lam_label, seed_label
 from .plotting import Colors, adv_panels, curve_order, empty_panel, eps_ticks, new_figure, suptitle
 from .section import Inputs, Section
-from .statistics import StudyData, diff_ci, direction, mean_ci, select_rows, sort_key, varying
+from ..intervals import T_SOURCES, Interval, difference_interval, interval_legend, mixed, table_cell
+from .statistics import StudyData, diff_ci, mean_ci, select_rows, sort_key, varying
 
 
 def _curves(adv: pd.DataFrame, train_keys: list[str]) -> dict[tuple, dict[int, dict[float, float]]]:
@@ -246,17 +247,26 @@ def plot_clean_vs_robust(table: pd.DataFrame, train_keys: list[str]) -> Figure |
 # Tables
 
 
+EFFECT_CATEGORIES = ("below", "at", "above")  # ε_test against ε_train
+
+
 def lambda_effect_table(data: StudyData) -> pd.DataFrame:
     """The seed paper's claim, per configuration and λ > 0: mean change in robust accuracy vs the
     λ=0 baseline averaged over ε_test < ε_train, at ε_test = ε_train, and over ε_test > ε_train,
-    with 95% t-intervals over seeds (paired by seed where both exist). Only evaluations in the
+    each with its 95% interval [low_*, high_*] from orchestrator.intervals: paired over seeds and
+    test examples (each example's correctness averaged over the category's ε_test) where the rows
+    carry per-example correctness, else Student's t over the seeds' differences; Welch's unpaired
+    interval when the two share no seed. `interval_*` says which (`Interval.sources`). The same intervals as the
+    end-of-run table, so the console and the report give one verdict. Only evaluations in the
     training norm (ε_test and ε_train must be comparable)."""
     keys = data.train_keys + ["norm"]
     idx = {k: i for i, k in enumerate(keys)}
     curves = _curves(data.adv, data.train_keys)
+    rows_of = ({tuple(k): g for k, g in data.adv_rows.groupby(keys, dropna=False, sort=True)}
+               if not data.adv_rows.empty else {})
     out_cols = keys + ["baseline", "n_seeds", "paired"]
-    for cat in ("below", "at", "above"):
-        out_cols += [f"n_eps_{cat}", f"delta_{cat}", f"ci95_{cat}"]
+    for cat in EFFECT_CATEGORIES:
+        out_cols += [f"n_eps_{cat}", f"delta_{cat}", f"low_{cat}", f"high_{cat}", f"interval_{cat}"]
     out_cols += ["direction", "claim"]
     rows = []
     for key, curve in curves.items():
@@ -265,8 +275,7 @@ def lambda_effect_table(data: StudyData) -> pd.DataFrame:
         et = float(key[idx["eps_train"]])
         base_key = _baseline_key(key, keys, curves)
         if base_key is None:
-            row = [*key, NO_BASELINE, 0, False] + [0, math.nan, math.nan] * 3 + ["", ""]
-            rows.append(row)
+            rows.append([*key, NO_BASELINE, 0, False] + [0, math.nan, math.nan, math.nan, ""] * 3 + ["", ""])
             continue
         base = curves[base_key]
         eps_sets = [set(v) for v in curve.values()] + [set(v) for v in base.values()]
@@ -277,20 +286,20 @@ def lambda_effect_table(data: StudyData) -> pd.DataFrame:
             "above": [e for e in common_eps if e > et and not math.isclose(e, et, abs_tol=1e-9)],
         }
         row = [*key, "λ=0" if base_key[idx["ssl_task"]] != "none" else "no SSL task"]
-        stats_by_cat, n_max, paired_any = {}, 0, True
+        found: dict[str, Interval | None] = {}
+        n_max, paired_all = 0, True
         for cat, eps in cats.items():
             if not eps:
-                stats_by_cat[cat] = (0, math.nan, math.nan)
+                found[cat] = None
                 continue
-            a = {s: float(np.mean([v[e] for e in eps])) for s, v in curve.items()}
-            b = {s: float(np.mean([v[e] for e in eps])) for s, v in base.items()}
-            m, ci, n, paired = diff_ci(a, b)
-            n_max, paired_any = max(n_max, n), paired_any and paired
-            stats_by_cat[cat] = (len(eps), m, ci)
-        row += [n_max, paired_any]
-        for cat in ("below", "at", "above"):
-            row += list(stats_by_cat[cat])
-        dirs = {c: direction(stats_by_cat[c][1], stats_by_cat[c][2]) for c in cats}
+            interval, paired = _category_difference(rows_of.get(key), rows_of.get(base_key), curve, base, eps)
+            found[cat] = interval
+            n_max, paired_all = max(n_max, interval.n_seeds), paired_all and paired
+        row += [n_max, paired_all]
+        for cat in EFFECT_CATEGORIES:
+            i = found[cat]
+            row += [len(cats[cat])] + ([i.mean, i.low, i.high, i.sources] if i is not None else [math.nan] * 3 + [""])
+        dirs = {c: _direction(i) for c, i in found.items() if cats[c]}
         row.append(", ".join(f"{c}: {d}" for c, d in dirs.items() if d))
         row.append(_claim(dirs))
         rows.append(row)
@@ -298,6 +307,52 @@ def lambda_effect_table(data: StudyData) -> pd.DataFrame:
     if not df.empty:
         df = df.sort_values(keys, key=lambda s: s.astype(str) if s.dtype == object else s, kind="stable")
     return df.reset_index(drop=True)
+
+
+def _category_difference(a_rows, b_rows, curve: dict, base: dict, eps: list[float]) -> tuple[Interval, bool]:
+    """(a − b averaged over the ε_test in `eps`, paired?): orchestrator.intervals' paired interval
+    on the rows at those ε; Welch's unpaired t-interval on the seeds' means when they share no seed."""
+    if a_rows is not None and b_rows is not None:
+        interval = difference_interval(a_rows[a_rows["eps_test"].isin(eps)], b_rows[b_rows["eps_test"].isin(eps)])
+        if interval is not None:
+            return interval, True
+    a = {s: float(np.mean([v[e] for e in eps])) for s, v in curve.items()}
+    b = {s: float(np.mean([v[e] for e in eps])) for s, v in base.items()}
+    m, ci, n, paired = diff_ci(a, b)
+    return Interval(m, m - ci, m + ci, n, 0, T_SOURCES), paired
+
+
+def _direction(interval: Interval | None) -> str:
+    """'higher' / 'lower' when the 95% interval of a difference excludes 0, 'n.s.' when it does not,
+    '1 seed' when it has no bounds, '' when there is no difference."""
+    if interval is None or not np.isfinite(interval.mean):
+        return ""
+    if not (np.isfinite(interval.low) and np.isfinite(interval.high)):
+        return "1 seed"
+    return ("higher" if interval.low > 0 else "lower") if interval.excludes_zero() else "n.s."
+
+
+def _effect_intervals(table: pd.DataFrame) -> dict[str, list[Interval | None]]:
+    """Per category, the λ-effect table's intervals back as `Interval`s (None where there is none)."""
+    return {cat: [None if not np.isfinite(m) else Interval(m, lo, hi, 0, 0, src)
+                  for m, lo, hi, src in zip(table[f"delta_{cat}"], table[f"low_{cat}"], table[f"high_{cat}"],
+                                             table[f"interval_{cat}"])]
+            for cat in EFFECT_CATEGORIES}
+
+
+def lambda_effect_shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The λ-effect table as the report displays it: each category's difference with its interval
+    in one cell ('-0.017 [-0.039, +0.004]', † on a t-interval where the table mixes both kinds)."""
+    if table.empty:
+        return table
+    found = _effect_intervals(table)
+    mark = mixed([i for cells in found.values() for i in cells])
+    # the CSV keeps how many ε_test each category averages; the display keeps one cell per category
+    shown = table.drop(columns=[f"{f}_{cat}" for cat in EFFECT_CATEGORIES
+                                for f in ("n_eps", "delta", "low", "high", "interval")])
+    for at, cat in enumerate(EFFECT_CATEGORIES, start=list(shown.columns).index("paired") + 1):
+        shown.insert(at, f"Δ {cat} ε_train", [table_cell(i, mark, signed=True) for i in found[cat]])
+    return shown
 
 
 def _claim(dirs: dict[str, str]) -> str:
@@ -402,12 +457,15 @@ def clean_vs_robust_section(inputs: Inputs) -> Section:
 
 
 def lambda_effect_section(inputs: Inputs) -> Section:
+    table = lambda_effect_table(inputs.data)
+    found = _effect_intervals(table) if not table.empty else {}
+    legend = interval_legend([i for cells in found.values() for i in cells], paired=True)
     return Section("lambda_effect", "Effect of the SSL loss (λ) vs λ = 0",
-                   "Mean change in robust accuracy vs the λ=0 baseline, averaged over ε_test below ε_train, at "
-                   "ε_train, and above ε_train, with 95% t-intervals over seeds (paired by seed). direction: "
-                   "higher/lower when the interval excludes 0, n.s. otherwise. claim: Kucer et al. (higher below "
-                   "ε_train, lower above). " + inputs.attack_text,
-                   table=lambda_effect_table(inputs.data),
+                   "Change in robust accuracy vs the λ=0 baseline, averaged over ε_test below ε_train, at "
+                   f"ε_train, and above ε_train: {legend}, as in the end-of-run table. direction: higher/lower "
+                   "when the interval excludes 0, n.s. otherwise. claim: Kucer et al. (higher below ε_train, "
+                   "lower above). " + inputs.attack_text,
+                   table=table, shown=lambda_effect_shown(table),
                    empty_reason="no configuration with λ > 0 evaluated in its training norm")
 
 

@@ -87,20 +87,6 @@ def diff_ci(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int
     return m, float(stdtrit(dof, 0.975) * se), n, False
 
 
-def direction(mean: float, ci: float) -> str:
-    """'higher' / 'lower' when the 95% interval of a difference excludes 0, 'n.s.' when it does not,
-    '1 seed' when there is no interval, '' when there is no difference."""
-    if not np.isfinite(mean):
-        return ""
-    if not np.isfinite(ci):
-        return "1 seed"
-    if mean - ci > 0:
-        return "higher"
-    if mean + ci < 0:
-        return "lower"
-    return "n.s."
-
-
 # ============================================================================================
 # Seed-level tables
 # ============================================================================================
@@ -117,6 +103,9 @@ class StudyData:
     ood: pd.DataFrame = field(default_factory=pd.DataFrame)
     # seed level: train_keys + measure + radius + seed -> value (empty without label-free rows)
     label_free: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # the robustness rows behind `adv`, one per trial and ε_test, with their per-example `correct`
+    # bits: what intervals over seeds and test examples are computed from (orchestrator.intervals)
+    adv_rows: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def json_value(v: Any) -> str:
@@ -232,7 +221,7 @@ def prepare(df: pd.DataFrame) -> StudyData:
         lf_raw["radius"] = (lf_raw["radius"].astype(float).round(10) if "radius" in lf_raw.columns
                             else math.nan)
         label_free = lf_raw.groupby(lf_keys + ["seed"], dropna=False, sort=True)["value"].mean().reset_index()
-    return StudyData(df, adv, cor, clean, train_keys, extras, notes, ood, label_free)
+    return StudyData(df, adv, cor, clean, train_keys, extras, notes, ood, label_free, adv_raw)
 
 
 def aggregate(seed_df: pd.DataFrame, keys: list[str], value: str = "robust_acc") -> pd.DataFrame:
