@@ -256,9 +256,9 @@ def lambda_effect_table(data: StudyData) -> pd.DataFrame:
     each with its 95% interval [low_*, high_*] from orchestrator.intervals: paired over seeds and
     test examples (each example's correctness averaged over the category's ε_test) where the rows
     carry per-example correctness, else Student's t over the seeds' differences; Welch's unpaired
-    interval when the two share no seed. `interval_*` says which (`Interval.sources`). The same intervals as the
-    end-of-run table, so the console and the report give one verdict. Only evaluations in the
-    training norm (ε_test and ε_train must be comparable)."""
+    interval when the two share no seed. `interval_*` says which (`Interval.sources`). These are
+    the end-of-run table's intervals, so the console and the report give one verdict. Only
+    evaluations in the training norm (ε_test and ε_train must be comparable)."""
     keys = data.train_keys + ["norm"]
     idx = {k: i for i, k in enumerate(keys)}
     curves = _curves(data.adv, data.train_keys)
