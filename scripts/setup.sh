@@ -16,6 +16,17 @@ if [ ! -f "$FMNIST" ] && [ -z "${SSLROBUST_DATA_DIR:-}" ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
+# torch's wheel brings its CUDA libraries: a new .venv takes ~6.5 GB. Without that much free disk
+# pip fails midway with a bare OSError, so say it first and write nothing.
+NEED_GB=${SSLROBUST_SETUP_FREE_GB:-7}
+if ! compgen -G ".venv/lib/python3*/site-packages/torch/__init__.py" >/dev/null; then
+  FREE_GB=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+  if [ "$FREE_GB" -lt "$NEED_GB" ]; then
+    echo "setup: .venv needs about $NEED_GB GB of free disk (torch with its CUDA libraries) but $(pwd) has $FREE_GB GB free; free some space or clone the repository onto a larger disk" >&2
+    exit 1
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv

@@ -239,7 +239,7 @@ def plot_clean_vs_robust(table: pd.DataFrame, train_keys: list[str]) -> Figure |
     for n in range(len(panels), nrows * ncols):
         axes[n // ncols, n % ncols].set_visible(False)
     one = int(table["n_seeds"].max()) <= 1
-    suptitle(fig, "Clean vs robust accuracy" + (f" ({ONE_SEED})" if one else " (bars: 95% t-intervals)"), fontsize=10)
+    suptitle(fig, "Clean vs robust accuracy" + (f" ({ONE_SEED})" if one else " (bars: 95% t-intervals over seeds)"), fontsize=10)
     return fig
 
 
@@ -461,8 +461,9 @@ def lambda_effect_section(inputs: Inputs) -> Section:
     found = _effect_intervals(table) if not table.empty else {}
     legend = interval_legend([i for cells in found.values() for i in cells], paired=True)
     return Section("lambda_effect", "Effect of the SSL loss (λ) vs λ = 0",
-                   "Change in robust accuracy vs the λ=0 baseline, averaged over ε_test below ε_train, at "
-                   f"ε_train, and above ε_train: {legend}, as in the end-of-run table. direction: higher/lower "
+                   "Change in robust accuracy vs the λ=0 baseline, averaged over ε_test below ε_train (ε_test "
+                   "= 0, the clean accuracy, included), at ε_train, and above ε_train: "
+                   f"{legend}, as in the end-of-run table. direction: higher/lower "
                    "when the interval excludes 0, n.s. otherwise. claim: Kucer et al. (higher below ε_train, "
                    "lower above). " + inputs.attack_text,
                    table=table, shown=lambda_effect_shown(table),
