@@ -16,6 +16,7 @@ import time
 from ray.tune import Callback
 
 from .mlflow_callback import run_name
+from .trainable import TRAIN_SECONDS
 
 EVERY_S = 60.0
 _active: "ProgressLine | None" = None
@@ -62,6 +63,9 @@ class ProgressLine(Callback):
         self.study, self.varying, self.out = study, list(varying), out
         self.started = time.time()
         self.latest: dict[str, str] = {}  # run name -> latest robust accuracy text
+        self.seconds: dict[str, float] = {}  # run name -> its trial's time so far, trials that train only
+        self.finished: list[float] = []  # the seconds of each trial that finished
+        self.slots = 1  # the most trials seen running at once
         self._last = 0.0
         _active = self
 
@@ -77,11 +81,21 @@ class ProgressLine(Callback):
         states = [("TERMINATED" if t is ending else t.status) for t in trials]
         done = sum(s in ("TERMINATED", "ERROR") for s in states)
         running, pending = states.count("RUNNING"), sum(s in ("PENDING", "PAUSED") for s in states)
+        self.slots = max(self.slots, running + (ending is not None))
         text = f"[{self.study}] {done}/{len(trials)} done, {running} running, {pending} pending"
-        if done and done < len(trials):  # the throughput so far, trials running side by side included
-            text += f", ETA {_duration((time.time() - self.started) / done * (len(trials) - done))}"
+        if done and done < len(trials):
+            text += f", ETA {_duration(self._remaining(done, len(trials), running, pending))}"
         elapsed = _duration(time.time() - self.started)
         return f"{text}, {elapsed} elapsed" + (f" | {note}" if note else "")
+
+    def _remaining(self, done: int, total: int, running: int, pending: int) -> float:
+        """Seconds left: the trials still to run times the mean finished trial's seconds, shared by
+        the slots that ran side by side (a running trial counted half done). Without trial seconds,
+        the elapsed time per finished trial, which overstates early on: when the first trial ends,
+        the one beside it has nearly finished too."""
+        if self.finished:
+            return (pending + 0.5 * running) * sum(self.finished) / len(self.finished) / self.slots
+        return (time.time() - self.started) / done * (total - done)
 
     def _print(self, trials, note: str = "", ending=None) -> None:
         self._last = time.time()
@@ -91,9 +105,14 @@ class ProgressLine(Callback):
         value = result.get("robust_acc_at_eps_train")
         if value is not None and value == value:
             self.latest[self._name(trial)] = f"robust {float(value):.3f} at ε_train"
+        # a trial whose cell already had results reports at once: its seconds say nothing of the rest
+        if TRAIN_SECONDS in result and result.get("time_total_s") is not None:
+            self.seconds[self._name(trial)] = float(result["time_total_s"])
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         name = self._name(trial)
+        if name in self.seconds:
+            self.finished.append(self.seconds[name])
         self._print(trials, f"{name}: {self.latest.get(name, 'done')}", ending=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

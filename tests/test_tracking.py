@@ -478,3 +478,30 @@ def test_progress_line_counts_the_trial_that_ends_and_shows_its_cell():
 
     assert re.fullmatch(r"\[s\] 2/3 done, 0 running, 1 pending, ETA 5m0[01]s, 10m0[0-2]s elapsed \| "
                         r"ssl_weight=0.5: robust 0.610 at ε_train", out.getvalue().strip()), out.getvalue()
+
+
+def test_progress_eta_shares_the_mean_trial_time_among_the_slots_that_ran_side_by_side():
+    # When the first of two side-by-side trials ends, the elapsed time per finished trial would
+    # give ~2x the time left; the mean trial time over the two slots does not.
+    import io
+    from types import SimpleNamespace
+
+    from orchestrator.progress import ProgressLine
+    from orchestrator.trainable import TRAIN_SECONDS
+
+    out = io.StringIO()
+    progress = ProgressLine("s", ["seed"], out)
+    progress.started -= 70  # 10 s of start, then a 60 s trial
+    trials = [SimpleNamespace(status=s, config={"cell": {"seed": i}})
+              for i, s in enumerate(["RUNNING", "RUNNING"] + ["PENDING"] * 10)]
+    progress.on_trial_result(0, trials, trials[0], {TRAIN_SECONDS: 20.0, "time_total_s": 60.0})
+    progress.on_trial_result(0, trials, trials[1], {"time_total_s": 50.0})  # not finished: no train_seconds yet
+    progress.on_trial_complete(0, trials, trials[0])
+    # (10 pending + half of the 1 running) x 60 s / 2 slots = 315 s; the old estimate was 70 x 11 = 770 s
+    assert ", ETA 5m15s, 1m1" in out.getvalue(), out.getvalue()
+    # a cell that already had results reports no train_seconds and does not pull the mean down
+    trials[0].status, trials[1].status = "TERMINATED", "RUNNING"
+    trials[2].status = "RUNNING"
+    progress.on_trial_result(0, trials, trials[2], {"reused_result": 1, "time_total_s": 0.5})
+    progress.on_trial_complete(0, trials, trials[2])
+    assert out.getvalue().splitlines()[-1].startswith("[s] 2/12 done, 1 running, 9 pending, ETA 4m45s"), out.getvalue()
