@@ -53,6 +53,15 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    def direction(self) -> str:
+        """The verdict on a difference: 'higher' / 'lower' when the interval excludes 0, 'n.s.'
+        when it does not, '1 seed' when it has no bounds, '' when there is no difference."""
+        if not math.isfinite(self.mean):
+            return ""
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            return "1 seed"
+        return ("higher" if self.low > 0 else "lower") if self.excludes_zero() else "n.s."
+
 
 def crossed_bootstrap(matrix: np.ndarray, alpha: float = 0.05, replicates: int = DEFAULT_REPLICATES,
                       seed: int = 0) -> Interval:

@@ -55,12 +55,12 @@ def paired_difference_text(spec, table) -> str | None:
     separated = []
     for row in long.itertuples(index=False):
         interval = row.interval
-        if interval is None or interval.low != interval.low or not interval.excludes_zero():
+        if interval is None or interval.direction() not in ("higher", "lower"):
             continue
         values = dict(zip(others, row[: len(others)]))
         where = ", ".join(f"{o}={v}" for o, v in values.items())
         separated.append(f"λ={row.λ.split(' ')[0]} vs 0 at ε={row.eps_test:g}{' (' + where + ')' if where else ''}: "
-                         f"{'higher' if interval.mean > 0 else 'lower'}, {interval.mean:+.3f} "
+                         f"{interval.direction()}, {interval.mean:+.3f} "
                          f"[{interval.low:+.3f}, {interval.high:+.3f}]")
     legend = interval_legend(intervals, paired=True)
     words = ("differences that exclude zero (95%): " + "; ".join(separated)) if separated else \

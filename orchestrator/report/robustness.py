@@ -299,7 +299,7 @@ def lambda_effect_table(data: StudyData) -> pd.DataFrame:
         for cat in EFFECT_CATEGORIES:
             i = found[cat]
             row += [len(cats[cat])] + ([i.mean, i.low, i.high, i.sources] if i is not None else [math.nan] * 3 + [""])
-        dirs = {c: _direction(i) for c, i in found.items() if cats[c]}
+        dirs = {c: i.direction() for c, i in found.items() if i is not None}
         row.append(", ".join(f"{c}: {d}" for c, d in dirs.items() if d))
         row.append(_claim(dirs))
         rows.append(row)
@@ -322,16 +322,6 @@ def _category_difference(a_rows, b_rows, curve: dict, base: dict, eps: list[floa
     return Interval(m, m - ci, m + ci, n, 0, T_SOURCES), paired
 
 
-def _direction(interval: Interval | None) -> str:
-    """'higher' / 'lower' when the 95% interval of a difference excludes 0, 'n.s.' when it does not,
-    '1 seed' when it has no bounds, '' when there is no difference."""
-    if interval is None or not np.isfinite(interval.mean):
-        return ""
-    if not (np.isfinite(interval.low) and np.isfinite(interval.high)):
-        return "1 seed"
-    return ("higher" if interval.low > 0 else "lower") if interval.excludes_zero() else "n.s."
-
-
 def _effect_intervals(table: pd.DataFrame) -> dict[str, list[Interval | None]]:
     """Per category, the λ-effect table's intervals back as `Interval`s (None where there is none)."""
     return {cat: [None if not np.isfinite(m) else Interval(m, lo, hi, 0, 0, src)
@@ -340,12 +330,12 @@ def _effect_intervals(table: pd.DataFrame) -> dict[str, list[Interval | None]]:
             for cat in EFFECT_CATEGORIES}
 
 
-def lambda_effect_shown(table: pd.DataFrame) -> pd.DataFrame:
+def lambda_effect_shown(table: pd.DataFrame, found: dict[str, list[Interval | None]]) -> pd.DataFrame:
     """The λ-effect table as the report displays it: each category's difference with its interval
-    in one cell ('-0.017 [-0.039, +0.004]', † on a t-interval where the table mixes both kinds)."""
+    (`found`, from _effect_intervals) in one cell ('-0.017 [-0.039, +0.004]', † on a t-interval
+    where the table mixes both kinds)."""
     if table.empty:
         return table
-    found = _effect_intervals(table)
     mark = mixed([i for cells in found.values() for i in cells])
     # the CSV keeps how many ε_test each category averages; the display keeps one cell per category
     shown = table.drop(columns=[f"{f}_{cat}" for cat in EFFECT_CATEGORIES
@@ -466,7 +456,7 @@ def lambda_effect_section(inputs: Inputs) -> Section:
                    f"{legend}, as in the end-of-run table. direction: higher/lower "
                    "when the interval excludes 0, n.s. otherwise. claim: Kucer et al. (higher below ε_train, "
                    "lower above). " + inputs.attack_text,
-                   table=table, shown=lambda_effect_shown(table),
+                   table=table, shown=lambda_effect_shown(table, found),
                    empty_reason="no configuration with λ > 0 evaluated in its training norm")
 
 
