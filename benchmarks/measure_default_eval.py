@@ -45,6 +45,9 @@ CANDIDATES = {
     "apgd_s75_t3": dict(attack="apgd", apgd_steps=75, target_classes=3),
     "apgd_s75_t2": dict(attack="apgd", apgd_steps=75, target_classes=2),
     "apgd_s60_t3": dict(attack="apgd", apgd_steps=60, target_classes=3),
+    # the attacks' passes in bf16 (where the CPU computes it natively), every verdict in fp32
+    "apgd_s75_t3_bf16": dict(attack="apgd", apgd_steps=75, target_classes=3, precision="bf16"),
+    "apgd_s100_t3_bf16": dict(attack="apgd", apgd_steps=100, target_classes=3, precision="bf16"),
     # AutoAttack's gradient part (APGD-CE, APGD-T over 9 targets, 100 steps each): on CPU the
     # full version's Square (5000 queries per robust point and ε) costs ~240x PGD-10.
     "apgd_s100_t9": dict(attack="apgd", apgd_steps=100, target_classes=9),

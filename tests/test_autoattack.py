@@ -320,3 +320,96 @@ def test_masking_checks_fire_on_masked_models_and_not_on_the_plain_one(fmnist_ad
 
     assert "probability_output" in fired(masking_checks(Softmax(), x[:40], y[:40], "linf", 0.0))
     assert "randomised_output" in fired(masking_checks(Noisy(), x[:40], y[:40], "linf", 0.0))
+
+
+# --- bf16 search, fp32 verdicts ----------------------------------------------------------------
+
+class RoundingTie(torch.nn.Module):
+    """Ten logits: z_0 = 101.1 + 4·(mean pixel − 0.5), z_1 = 101.2, the rest far below. On a grey
+    image (every pixel 0.5) with y = 1 the full-precision model is correct, and raising the mean
+    pixel by more than 0.025 (inside an l∞ ball of 0.1) fools it. bf16 (spacing 0.5 near 100) rounds
+    both top logits to 101.0 on the grey image and argmax picks class 0: a bf16 pass says the
+    example is fooled before the attack has done anything. An attack that believed it would stop
+    there and return an image the model classifies correctly."""
+
+    def __init__(self):
+        super().__init__()
+        # one linear layer, so that autocast computes the logits in bf16
+        self.linear = torch.nn.Linear(28 * 28, 10)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[0] = 4 / (28 * 28)
+            self.linear.bias.copy_(torch.tensor([99.1, 101.2, 50.0, 40.0, 30.0, 20.0, 10.0, 0.0, -10.0, -20.0]))
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("attack", ["apgd_ce", "apgd_t", "square", "pgd_any_iterate", "autoattack"])
+def test_under_bf16_autocast_an_attack_stops_only_on_what_fools_the_fp32_model(attack):
+    from trainables.attacks import pgd
+
+    model = RoundingTie().eval()
+    x = torch.full((8, 1, 28, 28), 0.5)
+    y = torch.ones(8, dtype=torch.long)
+    assert (model(x).argmax(1) == y).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (model(x).argmax(1) == 0).all()  # the premise: bf16 calls the clean images fooled
+        if attack == "apgd_ce":
+            x_adv = apgd(model, x, y, "ce", "linf", EPS, 10)
+        elif attack == "apgd_t":
+            x_adv = apgd_targeted(model, x, y, "linf", EPS, 10, 1)
+        elif attack == "square":
+            x_adv = square(model, x, y, "linf", EPS, 200, generator=torch.Generator().manual_seed(0))
+        elif attack == "pgd_any_iterate":
+            x_adv = pgd(model, x, y, norm="linf", eps=EPS, step_size=EPS / 4, steps=10, bn_mode="eval",
+                        stop_on_success=True)
+        else:
+            x_adv, fooled_by = autoattack(model, x, y, "linf", EPS, steps=10, n_target_classes=1, n_queries=200)
+            assert (fooled_by >= 0).all()
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert (model(x_adv).argmax(1) != y).all()  # fp32: each example was really fooled
+
+
+def test_fab_searches_in_fp32_inside_an_autocast_region(fmnist_adversarial_cnn, batch):
+    x, y = batch[0][:40], batch[1][:40]
+    plain = fab_targeted(fmnist_adversarial_cnn, x, y, "linf", EPS, 10, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fab_targeted(fmnist_adversarial_cnn, x, y, "linf", EPS, 10, 2)
+    assert torch.equal(plain, inside)
+    assert not torch.equal(plain, x)  # it fooled some: the comparison is not between two no-ops
+
+
+AUTOCAST_SEEN: list[bool] = []  # outside the probe: the attacks run on a (BatchNorm-folded) deep copy
+
+
+class AutocastProbe(torch.nn.Module):
+    """The model, noting in AUTOCAST_SEEN for each forward whether it ran inside an autocast region."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        AUTOCAST_SEEN.append(torch.is_autocast_enabled(x.device.type))
+        return self.model(x)
+
+
+def test_eval_precision_reaches_the_attacks_and_changes_only_the_search(fmnist_adversarial_cnn, batch):
+    from trainables.config import resolve
+    from trainables.device import uses_bf16
+    from trainables.evaluate_model import evaluate_model
+
+    x, y = batch[0][:40], batch[1][:40]
+    curves = {}
+    for precision in ("auto", "fp32", "bf16"):
+        AUTOCAST_SEEN.clear()
+        config = resolve({"eval_attack": "apgd", "eval_apgd_steps": 5, "eval_target_classes": 1, "eval_attack_steps": 2,
+                          "eval_eps_linf": [0.0, 0.1], "eval_precision": precision})
+        records = evaluate_model(AutocastProbe(fmnist_adversarial_cnn), x, y, config)
+        assert AUTOCAST_SEEN and any(AUTOCAST_SEEN) == uses_bf16(x.device, precision)
+        curves[precision] = [(r["eps_test"], r["clean_acc"], r["robust_acc"]) for r in records if r["norm"] == "linf"]
+    assert curves["auto"] == curves["fp32"]  # "auto" is fp32 on CPU: earlier results unchanged
+    assert [c[:2] for c in curves["bf16"]] == [c[:2] for c in curves["fp32"]]  # clean accuracy is fp32's
+    for (_, _, bf16), (_, _, fp32) in zip(curves["bf16"], curves["fp32"]):
+        assert abs(bf16 - fp32) <= 0.05  # 2 of 40 images: the same attack, searching in bf16

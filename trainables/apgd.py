@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .attack_inputs import check_attack_input, check_logits
-from .attacks import ascent_step, start_delta, batchnorm_mode, project
+from .attacks import ascent_step, batchnorm_mode, misclassified, project, start_delta
+from .device import full_precision
 from .dlr import dlr_loss, dlr_targeted_loss
 from .folding import folded_for_eval
 
@@ -46,7 +47,7 @@ def _loss(name: str, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor
 def _loss_grad(model, x_adv, y, name, target):
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x_adv)
+        logits = model(x_adv).float()  # a bf16 forward's logits; the loss and its comparisons in fp32
         loss = _loss(name, logits, y, target)
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
     return loss.detach(), grad.detach(), logits.detach()
@@ -115,7 +116,7 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
         best_loss, step, best_at_checkpoint = best_loss[keep], step[keep], best_at_checkpoint[keep]
         halved_at_checkpoint, rises, last_loss = halved_at_checkpoint[keep], rises[keep], last_loss[keep]
 
-    fooled = logits.argmax(1) != y0
+    fooled = misclassified(model, x_cur, y0, logits.argmax(1) != y0)
     if fooled.any():
         out[active[fooled]] = x_cur[fooled]
         drop(fooled)
@@ -128,7 +129,7 @@ def _apgd(model, x, y, loss_name, norm, eps, steps, target, random_start, init, 
         x_prev, x_cur = x_cur, x_next
         loss, grad, logits = _loss_grad(model, x_cur, y0, loss_name, t0)
         # the fooling iterate itself is kept, before a checkpoint may move x_cur back to x_best
-        fooled = logits.argmax(1) != y0
+        fooled = misclassified(model, x_cur, y0, logits.argmax(1) != y0)
         if fooled.any():
             out[active[fooled]] = x_cur[fooled]
         rises += (loss > last_loss).float()
@@ -177,7 +178,7 @@ def apgd_targeted(
     if eps == 0 or steps == 0:
         return x.clone()
     folded = folded_for_eval(model) if fold_bn else model
-    with torch.no_grad(), batchnorm_mode(folded, "eval"):
+    with torch.no_grad(), batchnorm_mode(folded, "eval"), full_precision(x.device):
         logits = folded(x)
     check_logits(logits, "apgd_targeted")
     order = logits.argsort(dim=1, descending=True)
@@ -190,7 +191,7 @@ def apgd_targeted(
         x_adv = apgd(folded, x[idx], y[idx], "dlr_targeted", norm, eps, steps, target=order[idx, rank],
                      random_start=random_start, init=None if init is None else init[idx],
                      generator=generator, fold_bn=False)
-        with torch.no_grad(), batchnorm_mode(folded, "eval"):
+        with torch.no_grad(), batchnorm_mode(folded, "eval"), full_precision(x.device):
             fooled = folded(x_adv).argmax(1) != y[idx]
         out[idx[fooled]] = x_adv[fooled]
         robust[idx[fooled]] = False

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .device import full_precision
 from .folding import folded_for_eval
 
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -87,6 +88,24 @@ def _step_and_project_(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
     else:
         raise ValueError(f"unknown norm {norm!r}")
     return delta.add_(x).clamp_(0.0, 1.0).sub_(x)
+
+
+def misclassified(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Of `candidates` ((N,) bool: examples a pass under autocast found misclassified), those the
+    model misclassifies in full precision; x (N, ...), y (N,).
+
+    An attack may search under bf16 autocast, where a point just across the decision boundary can
+    lie on the other side of it in full precision. Attacks stop on an example, and report it
+    fooled, only when this confirms it, so that robust accuracy is the full-precision model's.
+    Outside autocast the candidates were computed in full precision and are returned as they are."""
+    if not torch.is_autocast_enabled(x.device.type) or not candidates.any():
+        return candidates
+    idx = candidates.nonzero().flatten()
+    with torch.no_grad(), full_precision(x.device):
+        wrong = model(x[idx]).argmax(1) != y[idx]
+    confirmed = torch.zeros_like(candidates)
+    confirmed[idx[wrong]] = True
+    return confirmed
 
 
 @contextmanager
@@ -188,7 +207,7 @@ def _pgd_until_misclassified(model, x, y, norm, eps, step_size, steps, random_st
                 loss = F.cross_entropy(logits, y_act, reduction="none")
                 (grad,) = torch.autograd.grad(loss.sum(), delta)
             delta = delta.detach_()
-            fooled = logits.detach().argmax(1) != y_act
+            fooled = misclassified(model, x_act + delta, y_act, logits.detach().argmax(1) != y_act)
             if fooled.any():
                 x_adv[active[fooled]] = (x_act[fooled] + delta[fooled]).clamp(0.0, 1.0)
                 kept = ~fooled
@@ -198,7 +217,8 @@ def _pgd_until_misclassified(model, x, y, norm, eps, step_size, steps, random_st
                     return x_adv
             delta = _step_and_project_(delta, grad, x_act, norm, eps, step_size)
         x_adv[active] = (x_act + delta).clamp(0.0, 1.0)
-        with torch.no_grad():  # the last iterate: fooled ones are done, the rest try the next restart
+        # the last iterate: fooled ones are done, the rest try the next restart
+        with torch.no_grad(), full_precision(x.device):
             active = active[model(x_adv[active]).argmax(1) == y[active]]
         if len(active) == 0:
             break

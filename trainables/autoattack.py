@@ -9,6 +9,7 @@ import torch
 from .apgd import apgd, apgd_targeted
 from .attack_inputs import check_attack_input
 from .attacks import batchnorm_mode
+from .device import full_precision
 from .fab import FabSearches, fab_targeted
 from .folding import folded_for_eval
 from .square import square
@@ -53,7 +54,7 @@ def autoattack(
     fooled_by = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
 
     def predict(images):
-        with torch.no_grad(), batchnorm_mode(model, "eval"):
+        with torch.no_grad(), batchnorm_mode(model, "eval"), full_precision(images.device):
             return model(images).argmax(1)
 
     robust = predict(x) == y

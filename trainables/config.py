@@ -31,7 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # accuracy on the held-out validation split (early stopping against robust overfitting, Rice,
 # Wong and Kolter, ICML 2020).
 CHECKPOINT_SELECTIONS = ("last", "best_robust_val")
-TRAIN_PRECISIONS = ("auto", "bf16", "fp32")  # trainables.device.uses_bf16
+PRECISIONS = ("auto", "bf16", "fp32")  # trainables.device.uses_bf16
 CORRUPTIONS = (
     "gaussian_noise",
     "shot_noise",
@@ -107,11 +107,11 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "train_step_size_factor": (2.5, "float", "pos"),  # PGD step = factor·ε/steps; FGSM uses 1.25·ε
     "train_random_start": (True, "bool", None),
     "train_bn_mode": ("train", "str", BN_MODES),
-    # autocast of the training forward/backward passes (attack and update; evaluation is not
-    # affected): "auto" bf16 on CUDA, fp32 on CPU; "bf16" also on CPUs that compute bf16 natively
+    # autocast of the training forward/backward passes (attack and update; evaluation has
+    # eval_precision): "auto" bf16 on CUDA, fp32 on CPU; "bf16" also on CPUs that compute bf16 natively
     # (AVX512-BF16 or AMX; small_cnn trains ~1.4x faster), fp32 on other CPUs, where emulated bf16
     # is slower than fp32; "fp32" everywhere. trainables.device.autocast
-    "train_precision": ("auto", "str", TRAIN_PRECISIONS),
+    "train_precision": ("auto", "str", PRECISIONS),
     # SSL pre-training (init=ssl_pretrained)
     "init": ("scratch", "str", INITS),
     "pretrain_epochs": (2, "int", "pos"),
@@ -133,6 +133,14 @@ SCHEMA: dict[str, tuple[Any, str, Any]] = {
     # version: APGD-CE, APGD-T, FAB-T, Square; Croce and Hein 2020). The shipped studies set apgd at
     # their default scale and autoattack at the paper scale; "pgd" overstates robustness.
     "eval_attack": ("pgd", "str", ("pgd", "apgd", "autoattack")),
+    # autocast of the evaluation attacks' passes, with train_precision's choices: "auto" bf16 on
+    # CUDA, fp32 on CPU; "bf16" also on CPUs with native bf16 (~2x faster attacks there). Only the
+    # search runs in it: clean accuracy and every "is this example fooled?" are the fp32 model's
+    # (trainables.attacks.misclassified), and FAB-T searches in fp32 (its answers lie on the
+    # decision boundary). bf16 APGD was a little weaker on the default weight_sweep models (two
+    # images above AutoAttack on 2 of 12, fp32 on none; benchmarks/RESULTS.md §8c), so the shipped
+    # studies leave it at "auto".
+    "eval_precision": ("auto", "str", PRECISIONS),
     "eval_apgd_steps": (100, "int", "pos"),  # APGD (and FAB-T) iterations per run (AutoAttack: 100)
     "eval_target_classes": (9, "int", "pos"),  # target classes of APGD-T and FAB-T (AutoAttack: 9)
     "eval_square_queries": (5000, "int", "pos"),  # Square's queries per example (AutoAttack: 5000)
@@ -198,8 +206,8 @@ HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
 })
 # Validation split and checkpoint selection, added later again: hashed only when changed.
 HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({"val_subset", "val_attack_steps", "checkpoint_selection"})
-# Training precision, added after those: hashed only when changed.
-HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({"train_precision"})
+# Training and evaluation precision, added after those: hashed only when changed.
+HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({"train_precision", "eval_precision"})
 # Center smoothing (trainables.center_smoothing), added after the label-free keys: hashed only when changed.
 HASH_NEUTRAL_DEFAULTS = HASH_NEUTRAL_DEFAULTS | frozenset({
     "center_smoothing_eps", "center_smoothing_sigma", "center_smoothing_n0", "center_smoothing_n",

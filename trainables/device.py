@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from .config import TRAIN_PRECISIONS
+from .config import PRECISIONS
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -29,8 +29,8 @@ def cpu_has_native_bf16() -> bool:
 def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
     """Whether `autocast(device, precision)` computes in bf16: "auto" on CUDA only, "bf16" on CUDA
     and on CPUs with native bf16, "fp32" never. Raises ValueError for another precision."""
-    if precision not in TRAIN_PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use {', '.join(TRAIN_PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return False
     if device.type == "cuda":
@@ -44,6 +44,12 @@ def autocast(device: torch.device, precision: str = "auto"):
     if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def full_precision(device: torch.device):
+    """Autocast off inside an autocast region: where an attack's outcome is decided (is this example
+    classified correctly?), so that a search run in bf16 is judged on the full-precision model."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

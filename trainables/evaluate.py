@@ -18,7 +18,7 @@ from .attacks import Objective, cross_entropy_objective, pgd, random_delta
 from .autoattack import APGD_ONLY, STANDARD, autoattack
 from .corruptions import corruption_accuracy
 from .correct_bits import pack_correct
-from .device import autocast
+from .device import autocast, full_precision
 from .fab import FabSearches
 from .records import EvalRecord
 
@@ -36,8 +36,10 @@ def fraction(correct: torch.Tensor) -> float:
 
 @torch.no_grad()
 def predictions(model, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The model's predicted labels (N,) for x (N, ...), in eval mode and full precision: every
+    accuracy is the full-precision model's, whatever precision an attack searched in."""
     model.eval()
-    with autocast(x.device):
+    with full_precision(x.device):
         return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
@@ -62,6 +64,7 @@ def robust_accuracy_curve(
     robust_masks: dict | None = None,
     classify: Classify | None = None,
     objective: Objective = cross_entropy_objective,
+    precision: str = "auto",
 ) -> list[EvalRecord]:
     """Clean and robust accuracy at each ε of the grid, in the model's eval mode.
 
@@ -83,6 +86,9 @@ def robust_accuracy_curve(
     as the ascending order, one level down: a misclassified point inside the ball is proof), which
     makes each attack cheaper and never reports a higher accuracy than the last-iterate PGD.
     `robust_masks`, when a dict, receives {ε: (N,) bool mask of the examples still robust}.
+    `precision`: the autocast of the attacks' passes ("auto", "bf16", "fp32"; trainables.device.
+    uses_bf16); whatever it is, clean accuracy and every "fooled?" verdict are the fp32 model's
+    (trainables.attacks.misclassified), so it changes only how the search runs.
 
     The classifier under attack and the attack's loss are parameters (attack "pgd" without
     stop_on_success only, as the others read the model's own logits): `classify(images, ε)` gives
@@ -127,7 +133,7 @@ def robust_accuracy_curve(
             taken = torch.zeros(len(members), dtype=torch.long)
             for i in range(0, len(index), batch_size):
                 batch = index[i : i + batch_size]
-                with autocast(x.device):
+                with autocast(x.device, precision):
                     _, fooled_by = autoattack(
                         model, x[batch], y[batch], norm, eps, members, apgd_steps, target_classes,
                         square_queries, init=None if starts is None else starts[batch], generator=generator,
@@ -145,7 +151,7 @@ def robust_accuracy_curve(
         adversarial = []
         for i in range(0, len(index), batch_size):
             batch = index[i : i + batch_size]
-            with autocast(x.device):
+            with autocast(x.device, precision):
                 adversarial.append(pgd(
                     model, x[batch], y[batch], objective, norm, eps, step_size, steps,
                     random_start=random_start, restarts=restarts, bn_mode="eval",

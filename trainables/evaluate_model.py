@@ -33,6 +33,7 @@ def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, config: dict, data_d
             stop_on_success=config["eval_stop_on_success"], attack=config["eval_attack"],
             apgd_steps=config["eval_apgd_steps"], target_classes=config["eval_target_classes"],
             square_queries=config["eval_square_queries"], robust_masks=masks,
+            precision=config["eval_precision"],
         )
         flags = ",".join(_masking_flags(model, x, y, norm, config, curve, masks))
         records += [replace(record, masking_flags=flags) for record in curve]

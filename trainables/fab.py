@@ -18,6 +18,7 @@ import torch
 
 from .attack_inputs import check_attack_input, check_logits
 from .attacks import batchnorm_mode
+from .device import full_precision
 from .folding import folded_for_eval
 
 ALPHA_MAX = 0.1  # largest weight of the original image's projection in a step
@@ -161,7 +162,9 @@ def fab_targeted(
     if eps == 0 or steps == 0:
         return out
     model = folded_for_eval(model) if fold_bn else model
-    with batchnorm_mode(model, "eval"):
+    # FAB's answers lie on the decision boundary, where bf16 rounding decides their side: it searches
+    # in full precision even inside an autocast region
+    with batchnorm_mode(model, "eval"), full_precision(x.device):
         with torch.no_grad():
             logits = model(x)
         check_logits(logits, "fab_targeted")

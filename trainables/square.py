@@ -11,6 +11,7 @@ import torch
 
 from .attack_inputs import check_attack_input, check_logits
 from .attacks import batchnorm_mode
+from .device import full_precision
 from .folding import folded_for_eval
 
 P_INIT = 0.8  # fraction of the image the first squares cover (AutoAttack: 0.8)
@@ -28,9 +29,22 @@ def square_fraction(p_init: float, query: int, n_queries: int) -> float:
 
 
 def _margin(model, x, y):
+    """z_y − max_{i≠y} z_i (N,) in fp32. Under autocast the search's margins come from bf16 passes;
+    where one says the example crossed the boundary (≤ 0), the full-precision margin replaces it, so
+    an example stops, and counts as fooled, only when the full-precision model misclassifies it."""
     with torch.no_grad():
-        logits = model(x)
+        logits = model(x).float()
     check_logits(logits, "square")
+    margin = _logit_margin(logits, y)
+    crossed = margin <= 0
+    if torch.is_autocast_enabled(x.device.type) and crossed.any():
+        idx = crossed.nonzero().flatten()
+        with torch.no_grad(), full_precision(x.device):
+            margin[idx] = _logit_margin(model(x[idx]).float(), y[idx])
+    return margin
+
+
+def _logit_margin(logits, y):
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
     return z_y - other
