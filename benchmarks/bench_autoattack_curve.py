@@ -8,8 +8,9 @@ Model: small_cnn PGD-3 adversarially trained at ε = 0.1 with the project's Trai
 Fashion-MNIST images, 2 epochs, as the tests' session model). Ours: `robust_accuracy_curve(...,
 attack="autoattack")` over the 6 positive ε of the default Fashion-MNIST l∞ grid, ascending, each
 ε attacking only the examples still robust (and FAB-T searching each example's targets once for the
-whole curve), its attacks' passes in `--precision` (default bf16, as the shipped studies'
-`eval_precision`: native on CPUs with AVX512-BF16 or AMX, else fp32) and every verdict in fp32.
+whole curve), its attacks' passes in `--precision` (default bf16: what `eval_precision: bf16`
+does on CPUs with AVX512-BF16 or AMX, fp32 on others, and what "auto" does on CUDA, where the paper
+scales run `autoattack`) and every verdict in fp32.
 Reference: AutoAttack's standard version built from
 torchattacks 3.5.1's APGD, APGDT, FAB and Square at the published budgets (`torchattacks_autoattack`;
 that library's own `AutoAttack(version="standard")` runs 10 steps, not 100), run on all examples at
@@ -152,8 +153,8 @@ def curve(model, x, y, grid, precision: str) -> None:
         adv = torchattacks_autoattack(model, eps)(x, y)
         ref_s, ref_cpu = ref_s + time.perf_counter() - start, ref_cpu + time.process_time() - start_cpu
         ref_passes = tuple(a + b for a, b in zip(ref_passes, passes.take()))
-        passes.take()  # the accuracy check is not the attack's work
         ref[eps] = accuracy(model, adv, y)
+        passes.take()  # the accuracy check is not the attack's work
         print(f"  eps {eps:<6g} ours {ours[eps]:.3f}  torchattacks {ref[eps]:.3f}  diff {ours[eps] - ref[eps]:+.3f}",
               flush=True)
     worst = max(abs(ours[e] - ref[e]) for e in grid)
