@@ -104,23 +104,31 @@ class PassCount:
         return counts
 
 
-def backward_cost(model, x, repeats: int = 20) -> float:
-    """Seconds of a backward to the input over seconds of a forward, on a batch of x (the weight of a
-    backward in forward-pass equivalents)."""
+def backward_cost(model, x, batch: int = 256, repeats: int = 20) -> float:
+    """Seconds of a backward to the input over seconds of a forward, on `batch` images drawn from x
+    in turn (the weight of a backward in forward-pass equivalents)."""
     from trainables.folding import folded_for_eval
 
     folded = folded_for_eval(model)
-    with torch.no_grad():
-        folded(x)
-        start = time.perf_counter()
-        for _ in range(repeats):
+    x = x[torch.arange(batch) % len(x)]
+
+    def forward():
+        with torch.no_grad():
             folded(x)
-        forward = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(repeats):
+
+    def forward_backward():
         xg = x.clone().requires_grad_(True)
         torch.autograd.grad(folded(xg).sum(), xg)
-    return (time.perf_counter() - start - forward) / forward
+
+    seconds = []
+    for fn in (forward, forward_backward):
+        for _ in range(3):  # oneDNN sets up its kernels for a new shape on the first calls
+            fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        seconds.append(time.perf_counter() - start)
+    return (seconds[1] - seconds[0]) / seconds[0]
 
 
 def torchattacks_autoattack(model, eps: float):
@@ -171,7 +179,7 @@ def work_report(model, x, records, ours_passes, ref_passes, steps: int = 100, ta
                 queries: int = 5000) -> None:
     """Both sides' work in forward-pass equivalents, and the floor the published budgets set on the
     examples still robust at each ε (see the module docstring)."""
-    c = backward_cost(model, x[:256])
+    c = backward_cost(model, x)
 
     def work(passes):
         return passes[0] + c * passes[1]
